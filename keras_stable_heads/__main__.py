@@ -1,0 +1,5 @@
+import sys
+
+from keras_stable_heads.cli import main
+
+sys.exit(main())

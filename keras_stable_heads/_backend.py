@@ -1,0 +1,82 @@
+"""The little that differs per Keras backend outside ``keras.ops``, resolved once at import.
+
+- ``host_value(x)``: a NumPy copy of ``x`` when it is a concrete tensor already on the host (eager mode, CPU),
+  else ``None``. Used to validate labels in eager mode without ever synchronising a device or breaking a trace.
+- ``value_and_grad(f, x)``: ``(f(x), df/dx)`` for a scalar ``f``, as NumPy, used by the gradient checker.
+- ``float64_scope()``: a context in which float64 tensors stay float64 (JAX needs ``jax_enable_x64``).
+"""
+
+import contextlib
+
+import keras
+import numpy as np
+
+BACKEND = keras.backend.backend()
+
+
+def _tensorflow():
+    import tensorflow as tf
+
+    def host_value(x):
+        if not tf.executing_eagerly() or not isinstance(x, tf.Tensor) or not hasattr(x, "numpy"):
+            return None
+        if "GPU" in (x.device or ""):
+            return None
+        return x.numpy()
+
+    def value_and_grad(f, x):
+        x = tf.convert_to_tensor(x)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = f(x)
+        return y.numpy(), tape.gradient(y, x).numpy()
+
+    return host_value, value_and_grad, contextlib.nullcontext
+
+
+def _jax():
+    import jax
+
+    def host_value(x):
+        if isinstance(x, jax.core.Tracer) or not isinstance(x, jax.Array):
+            return None
+        if any(d.platform != "cpu" for d in x.devices()):
+            return None
+        return np.asarray(x)
+
+    def value_and_grad(f, x):
+        y, g = jax.value_and_grad(f)(jax.numpy.asarray(x))
+        return np.asarray(y), np.asarray(g)
+
+    return host_value, value_and_grad, lambda: jax.enable_x64(True)
+
+
+def _torch():
+    import torch
+
+    def host_value(x):
+        if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or torch.compiler.is_compiling():
+            return None
+        return x.detach().numpy()
+
+    def value_and_grad(f, x):
+        x = torch.as_tensor(np.asarray(x)).requires_grad_(True)
+        y = f(x)
+        (g,) = torch.autograd.grad(y, x)
+        return y.detach().numpy(), g.numpy()
+
+    return host_value, value_and_grad, contextlib.nullcontext
+
+
+def _numpy():
+    def host_value(x):
+        return np.asarray(x)
+
+    def value_and_grad(f, x):
+        raise NotImplementedError("the numpy backend of Keras has no automatic differentiation")
+
+    return host_value, value_and_grad, contextlib.nullcontext
+
+
+_RESOLVERS = {"tensorflow": _tensorflow, "jax": _jax, "torch": _torch, "numpy": _numpy}
+host_value, value_and_grad, float64_scope = _RESOLVERS[BACKEND]()

@@ -1,0 +1,541 @@
+"""Logit-space losses as pure functions: ``f(prediction, labels, *, options) -> per-example loss``.
+
+Each function takes logits (or distribution parameters), never probabilities, and returns the unreduced loss,
+one value per example (the class or label axis reduced). Each carries a fused gradient: the backward pass is
+computed from quantities saved by the forward pass (the log-sum-exp, the sigmoid), never by differentiating
+through ``log``/``exp``; ``keras_stable_heads.testing.check_gradients`` proves every one of them.
+
+float16 and bfloat16 inputs are computed in float32 and return float32; float64 stays float64. Labels are
+constants: no gradient flows to them.
+"""
+
+from keras import ops
+
+from . import _backend
+from . import _validation as check
+from .numerics import fused
+from .numerics import is_neg_inf
+from .numerics import logsumexp
+from .numerics import mean_last
+from .numerics import safe_mul
+from .numerics import softcap
+from .numerics import softplus
+from .numerics import upcast
+
+__all__ = [
+    "softmax_cross_entropy",
+    "softmax_cross_entropy_with_integer_labels",
+    "sigmoid_binary_cross_entropy",
+    "sigmoid_multilabel_cross_entropy",
+    "sigmoid_focal_cross_entropy",
+    "softmax_focal_cross_entropy",
+    "gaussian_nll",
+    "laplace_nll",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shapes and constants
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _class_axis_last(x, axis):
+    rank = len(x.shape)
+    if not -rank <= axis < rank:
+        raise ValueError(f"`axis`={axis} is out of range for an input of rank {rank}.")
+    return x if axis % rank == rank - 1 else ops.moveaxis(x, axis, -1)
+
+
+def _static_size(x, name):
+    size = x.shape[-1]
+    if size is None:
+        raise ValueError(f"The last axis of `{name}` (classes or labels) must have a static size, got shape {x.shape}.")
+    return int(size)
+
+
+def _per_class(values, size, dtype, name):
+    """A scalar or a length-``size`` sequence as a tensor broadcasting over the last axis; None stays None."""
+    if values is None:
+        return None
+    if isinstance(values, float):
+        return ops.convert_to_tensor(values, dtype=dtype)
+    if len(values) != size:
+        raise ValueError(f"`{name}` has {len(values)} entries but the inputs have {size} classes/labels on the last axis.")
+    return ops.convert_to_tensor(values, dtype=dtype)
+
+
+def _same_rank(labels, logits):
+    """Labels of shape (...) for logits (..., 1) gain the axis; labels (..., 1) for logits (...) lose it."""
+    rank, logits_rank = len(labels.shape), len(logits.shape)
+    if rank == logits_rank - 1:
+        return ops.expand_dims(labels, -1)
+    if rank == logits_rank + 1 and labels.shape[-1] == 1:
+        return ops.squeeze(labels, -1)
+    if rank != logits_rank:
+        raise ValueError(f"`labels` of shape {labels.shape} do not match the predictions of shape {logits.shape}.")
+    return labels
+
+
+def _integer_labels(labels, logits_rank, axis):
+    """Integer labels of shape (...) for logits with the class axis at ``axis``; (..., 1) is accepted too."""
+    labels = ops.convert_to_tensor(labels)
+    if len(labels.shape) == logits_rank:
+        if labels.shape[axis] != 1:
+            raise ValueError(
+                f"Integer `labels` must have the logits' shape without the class axis, or size 1 there; got labels of "
+                f"shape {labels.shape} for logits of rank {logits_rank} (axis={axis})."
+            )
+        labels = ops.squeeze(labels, axis)
+    elif len(labels.shape) != logits_rank - 1:
+        raise ValueError(
+            f"Integer `labels` of shape {labels.shape} do not fit logits of rank {logits_rank}: expected rank "
+            f"{logits_rank - 1} (one class id per example). For one-hot labels use `softmax_cross_entropy`."
+        )
+    return ops.cast(labels, "int32")
+
+
+def _check_label_range(labels, num_classes, ignore_class):
+    """Eager mode: raise on labels outside [0, num_classes). In a compiled step they give NaN instead."""
+    values = _backend.host_value(labels)
+    if values is None:
+        return
+    bad = (values < 0) | (values >= num_classes)
+    if ignore_class is not None:
+        bad &= values != ignore_class
+    if bad.any():
+        raise ValueError(
+            f"Integer labels must be in [0, {num_classes}) (the number of classes), got {values[bad].ravel()[:5].tolist()}"
+            + (f"; `ignore_class`={ignore_class} marks entries to skip." if ignore_class is not None else
+               ". Pass `ignore_class=` to skip padding entries.")
+        )
+
+
+def _finish_rows(loss, log_sum):
+    """A row whose logits are all -inf (``log_sum = -inf``) has no probability anywhere: its loss is +inf."""
+    return ops.where(is_neg_inf(log_sum), ops.full_like(loss, float("inf")), loss)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Softmax cross-entropy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _softmax_ce_grad(z, shift, log_sum, dz, target, total_target, z_loss, upstream):
+    """d loss / d logits = p * (sum_c target_c + 2 z_loss lse) - target, times the softcap derivative.
+
+    ``target`` is the weighted (smoothed) label distribution ``w_c y_c`` and ``total_target`` its row sum; the
+    softmax ``p`` is rebuilt from the saved log-sum-exp in one pass.
+    """
+    dead = is_neg_inf(log_sum)
+    p = ops.exp((z - shift) - log_sum)
+    scale = total_target + 2.0 * z_loss * (shift + log_sum) if z_loss else total_target
+    grad = p * scale - target
+    grad = ops.where(dead, ops.zeros_like(grad), grad)
+    grad = grad * ops.expand_dims(upstream, -1)
+    return grad if dz is None else grad * dz
+
+
+def _z_loss_term(z_loss, shift, log_sum):
+    # z-loss (PaLM): z_loss * log(Z)^2 keeps the normaliser near 1.
+    lse = shift + log_sum
+    return z_loss * ops.square(ops.where(ops.isfinite(lse), lse, ops.zeros_like(lse)))
+
+
+def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=None, z_loss=0.0, logit_softcap=None, axis=-1):
+    """Softmax cross-entropy of logits against one-hot or probability labels.
+
+    Computes, per example, with ``z' = softcap(z)``, ``y' = (1 - eps) y + eps / C`` and class weights ``w``::
+
+        loss = -sum_c w_c y'_c log softmax(z')_c + z_loss * logsumexp(z')^2
+
+    The gradient is ``(p * (sum_c w_c y'_c + 2 z_loss lse) - w y') * softcap'(z)``, computed from the saved
+    log-sum-exp. A ``-inf`` logit at a class with no target mass is a masked class: finite loss, zero gradient.
+
+    Args:
+        logits: float tensor ``(..., C)`` (classes on ``axis``).
+        labels: one-hot or probability vectors, same shape as ``logits``.
+        label_smoothing: ``eps`` in [0, 1]; mixes the labels with the uniform distribution over ``C``.
+        class_weight: optional length-``C`` sequence of non-negative weights ``w_c`` (as ``torch``'s ``weight``,
+            without its batch renormalisation: Keras's reduction divides by the batch size).
+        z_loss: coefficient of the z-loss ``lse^2`` (PaLM, Chowdhery et al. 2022); 0 disables it.
+        logit_softcap: ``c > 0`` applies ``c * tanh(z / c)`` before the softmax (Gemma 2); ``-inf`` stays ``-inf``.
+        axis: the class axis.
+
+    Returns:
+        The per-example loss, shape ``logits.shape`` without ``axis``.
+
+    Example:
+        >>> import numpy as np
+        >>> from keras_stable_heads import ops
+        >>> loss = ops.softmax_cross_entropy(np.array([[0.0, 1e4]]), np.array([[1.0, 0.0]]))
+        >>> float(loss[0])
+        10000.0
+    """
+    eps = check.fraction("label_smoothing", label_smoothing)
+    class_weight = check.weights_or_none("class_weight", class_weight)
+    z_loss = check.non_negative("z_loss", z_loss)
+    cap = check.positive_or_none("logit_softcap", logit_softcap)
+    axis = check.axis(axis)
+    logits = _class_axis_last(upcast(logits), axis)
+    labels = _class_axis_last(ops.cast(ops.convert_to_tensor(labels), logits.dtype), axis)
+    num_classes = _static_size(logits, "logits")
+    w = _per_class(class_weight, num_classes, logits.dtype, "class_weight")
+    target = (1.0 - eps) * labels + eps / num_classes if eps else labels
+    if w is not None:
+        target = target * w
+    total_target = ops.sum(target, axis=-1, keepdims=True)
+
+    def forward(x):
+        z, dz = softcap(x, cap)
+        shift, log_sum = logsumexp(z)
+        # -log p_c == (shift - z_c) + log_sum, never rounding shift + log_sum.
+        loss = ops.sum(safe_mul(target, (shift - z) + log_sum), axis=-1, keepdims=True)
+        if z_loss:
+            loss = loss + _z_loss_term(z_loss, shift, log_sum)
+        loss = _finish_rows(loss, log_sum)[..., 0]
+        return loss, lambda g: _softmax_ce_grad(z, shift, log_sum, dz, target, total_target, z_loss, g)
+
+    return fused(forward)(logits)
+
+
+def softmax_cross_entropy_with_integer_labels(
+    logits, labels, *, ignore_class=None, label_smoothing=0.0, class_weight=None, z_loss=0.0, logit_softcap=None, axis=-1
+):
+    """Softmax cross-entropy against integer class ids, without building a one-hot in the forward pass.
+
+    Equals :func:`softmax_cross_entropy` with ``one_hot(labels)``. With ``y'`` the smoothed one-hot::
+
+        loss = (1 - eps) w_y (lse - z'_y) + (eps / C) (sum_c w_c lse - sum_c w_c z'_c) + z_loss lse^2
+
+    Entries whose label equals ``ignore_class`` get loss 0 and zero gradient (the Loss class masks them out of
+    the average). A label outside ``[0, C)`` raises ``ValueError`` in eager mode and gives NaN in a compiled step.
+
+    Args:
+        logits: float tensor ``(..., C)`` (classes on ``axis``).
+        labels: integer class ids, shape ``logits.shape`` without ``axis``, or with size 1 there.
+        ignore_class: an integer label (e.g. -1 or 255) that marks entries to skip.
+        label_smoothing, class_weight, z_loss, logit_softcap, axis: as in :func:`softmax_cross_entropy`.
+
+    Example:
+        >>> import numpy as np
+        >>> from keras_stable_heads import ops
+        >>> loss = ops.softmax_cross_entropy_with_integer_labels(np.array([[0.0, -np.inf, 2.0]]), np.array([2]))
+        >>> round(float(loss[0]), 4)
+        0.1269
+    """
+    ignore_class = check.integer_or_none("ignore_class", ignore_class)
+    eps = check.fraction("label_smoothing", label_smoothing)
+    class_weight = check.weights_or_none("class_weight", class_weight)
+    z_loss = check.non_negative("z_loss", z_loss)
+    cap = check.positive_or_none("logit_softcap", logit_softcap)
+    axis = check.axis(axis)
+    logits = upcast(logits)
+    labels = _integer_labels(labels, len(logits.shape), axis)
+    logits = _class_axis_last(logits, axis)
+    num_classes = _static_size(logits, "logits")
+    _check_label_range(labels, num_classes, ignore_class)
+    dtype = logits.dtype
+    w = _per_class(class_weight, num_classes, dtype, "class_weight")
+
+    in_range = ops.logical_and(labels >= 0, labels < num_classes)
+    ignored = ops.zeros_like(in_range) if ignore_class is None else ops.equal(labels, ignore_class)
+    kept = ops.logical_and(in_range, ops.logical_not(ignored))
+    invalid = ops.logical_and(ops.logical_not(in_range), ops.logical_not(ignored))
+    safe_labels = ops.expand_dims(ops.where(kept, labels, ops.zeros_like(labels)), -1)
+    # Per-example weight of the true class, and the total weight of the smoothed target (a row sum of w y').
+    w_y = ops.ones(ops.shape(safe_labels), dtype) if w is None else ops.take(w, safe_labels)
+    w_sum = float(num_classes) if w is None else ops.sum(w)
+    total_target = (1.0 - eps) * w_y + (eps / num_classes) * w_sum
+
+    def forward(x):
+        z, dz = softcap(x, cap)
+        shift, log_sum = logsumexp(z)
+        z_y = ops.take_along_axis(z, safe_labels, axis=-1)
+        loss = safe_mul((1.0 - eps) * w_y, (shift - z_y) + log_sum)
+        if eps:
+            # sum_c w_c (lse - z_c) == w_sum log_sum - sum_c w_c (z_c - shift): shift cancels exactly
+            weighted_z = ops.sum((z - shift) if w is None else (z - shift) * w, axis=-1, keepdims=True)
+            loss = loss + (eps / num_classes) * (w_sum * log_sum - weighted_z)
+        if z_loss:
+            loss = loss + _z_loss_term(z_loss, shift, log_sum)
+        loss = _finish_rows(loss, log_sum)[..., 0]
+        loss = _mark_labels(loss, kept, invalid)
+
+        def vjp(g):
+            target = (1.0 - eps) * w_y * ops.one_hot(safe_labels[..., 0], num_classes, dtype=dtype)
+            if eps:
+                target = target + (eps / num_classes) * (1.0 if w is None else w)
+            grad = _softmax_ce_grad(z, shift, log_sum, dz, target, total_target, z_loss, g)
+            return _mark_labels(grad, ops.expand_dims(kept, -1), ops.expand_dims(invalid, -1))
+
+        return loss, vjp
+
+    return fused(forward)(logits)
+
+
+def _mark_labels(value, kept, invalid):
+    """Ignored entries -> 0; out-of-range labels -> NaN (loud in a compiled step, where no error can be raised)."""
+    filler = ops.where(invalid, ops.full_like(value, float("nan")), ops.zeros_like(value))
+    return ops.where(kept, value, filler)
+
+
+def softmax_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_smoothing=0.0, axis=-1):
+    """Softmax focal loss (Lin et al. 2017) computed in log space from logits.
+
+    ``loss = -alpha sum_c y'_c (1 - p_c)^gamma log p_c`` with ``log p = z - lse`` and ``1 - p_c = -expm1(log p_c)``,
+    so it never saturates: at ``gamma=0, alpha=None`` it equals :func:`softmax_cross_entropy` exactly.
+    The gradient is ``alpha (y'_j h_j - p_j sum_c y'_c h_c)`` with ``h_c = (1-p_c)^gamma (gamma p_c log p_c / (1-p_c) - 1)``.
+    """
+    gamma = check.non_negative("gamma", gamma)
+    alpha = check.number_or_none("alpha", alpha)
+    if alpha is not None:
+        alpha = check.non_negative("alpha", alpha)
+    eps = check.fraction("label_smoothing", label_smoothing)
+    axis = check.axis(axis)
+    logits = _class_axis_last(upcast(logits), axis)
+    labels = _class_axis_last(ops.cast(ops.convert_to_tensor(labels), logits.dtype), axis)
+    num_classes = _static_size(logits, "logits")
+    target = (1.0 - eps) * labels + eps / num_classes if eps else labels
+
+    def forward(z):
+        shift, log_sum = logsumexp(z)
+        log_p = (z - shift) - log_sum
+        # 1 - p == -expm1(log p): exact as p -> 1, where 1 - exp(log p) would cancel.
+        one_minus_p = -ops.expm1(log_p)
+        modulator = ops.power(one_minus_p, gamma)
+        loss = ops.sum(safe_mul(target * modulator, -log_p), axis=-1, keepdims=True)
+        if alpha is not None:
+            loss = alpha * loss
+        loss = _finish_rows(loss, log_sum)[..., 0]
+
+        def vjp(g):
+            p = ops.exp(log_p)
+            zero = ops.zeros_like(p)
+            # p log p / (1 - p) -> -1 as p -> 1 and -> 0 as p -> 0 (a masked class).
+            ratio = ops.where(
+                ops.equal(log_p, 0.0), -ops.ones_like(p), ops.where(ops.equal(p, 0.0), zero, p * log_p / one_minus_p)
+            )
+            h = modulator * (gamma * ratio - 1.0)
+            target_h = safe_mul(target, h)
+            grad = target_h - p * ops.sum(target_h, axis=-1, keepdims=True)
+            if alpha is not None:
+                grad = alpha * grad
+            grad = ops.where(is_neg_inf(log_sum), ops.zeros_like(grad), grad)
+            return grad * ops.expand_dims(g, -1)
+
+        return loss, vjp
+
+    return fused(forward)(logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sigmoid cross-entropy
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _bce_terms(z, target_pos, target_neg):
+    # -log sigmoid(z) == softplus(-z) and -log(1 - sigmoid(z)) == softplus(z): no log of a rounded probability.
+    return safe_mul(target_pos, softplus(-z)) + safe_mul(target_neg, softplus(z))
+
+
+def _sigmoid_labels(logits, labels, label_smoothing, missing_label):
+    """(labels smoothed towards 1/2 with missing entries zeroed, the mask of present entries or None)."""
+    labels = _same_rank(ops.cast(ops.convert_to_tensor(labels), logits.dtype), logits)
+    present = None
+    if missing_label is not None:
+        present = ops.not_equal(labels, missing_label)
+        labels = ops.where(present, labels, ops.zeros_like(labels))
+    if label_smoothing:
+        labels = (1.0 - label_smoothing) * labels + 0.5 * label_smoothing
+    return labels, present
+
+
+def _label_reduction(values, present, mean):
+    """Sum or mean over the last axis, over present entries only; a row with none present gives 0.
+
+    Returns ``(reduced, scale)`` where ``scale`` is d reduced / d value for a present entry.
+    """
+    size = values.shape[-1]
+    if present is None:
+        total = ops.sum(values, axis=-1)
+        return (total / size, 1.0 / size) if mean else (total, 1.0)
+    values = ops.where(present, values, ops.zeros_like(values))
+    total = ops.sum(values, axis=-1)
+    if not mean:
+        return total, ops.cast(present, values.dtype)
+    count = ops.sum(ops.cast(present, values.dtype), axis=-1)
+    scale = ops.where(count > 0, 1.0 / ops.where(count > 0, count, ops.ones_like(count)), ops.zeros_like(count))
+    return total * scale, ops.cast(present, values.dtype) * ops.expand_dims(scale, -1)
+
+
+def _sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, missing_label, mean):
+    logits = upcast(logits)
+    y, present = _sigmoid_labels(logits, labels, label_smoothing, missing_label)
+    pw = _per_class(pos_weight, _static_size(logits, "logits"), logits.dtype, "pos_weight")
+    target_pos = y if pw is None else pw * y
+
+    def forward(z):
+        loss, scale = _label_reduction(_bce_terms(z, target_pos, 1.0 - y), present, mean)
+
+        def vjp(g):
+            # d/dz [pw y softplus(-z) + (1 - y) softplus(z)] = sigmoid(z) (pw y + 1 - y) - pw y
+            grad = ops.sigmoid(z) * (target_pos + 1.0 - y) - target_pos
+            return grad * scale * ops.expand_dims(g, -1)
+
+        return loss, vjp
+
+    return fused(forward)(logits)
+
+
+def sigmoid_binary_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.0):
+    """Binary cross-entropy from logits, averaged over the last axis (Keras's ``binary_crossentropy`` convention).
+
+    ``loss = mean(pos_weight * y' softplus(-z) + (1 - y') softplus(z))`` with ``y' = (1 - eps) y + eps / 2``.
+    Exact for every logit: at ``z = -30, y = 1`` the loss is 30 and its gradient -1 (a probability-space loss
+    clipped at 1e-7 gives 16.118 and 0). ``pos_weight`` is ``torch``'s ``pos_weight`` (scalar or per unit).
+
+    Example:
+        >>> import numpy as np
+        >>> from keras_stable_heads import ops
+        >>> float(ops.sigmoid_binary_cross_entropy(np.array([[-30.0]]), np.array([[1.0]]))[0])
+        30.0
+    """
+    pos_weight = check.weights_or_none("pos_weight", pos_weight, allow_scalar=True)
+    eps = check.fraction("label_smoothing", label_smoothing)
+    return _sigmoid_cross_entropy(logits, labels, pos_weight, eps, None, mean=True)
+
+
+def sigmoid_multilabel_cross_entropy(
+    logits, labels, *, pos_weight=None, label_smoothing=0.0, missing_label=None, label_reduction="mean"
+):
+    """Independent sigmoid cross-entropy per label, reduced over the labels of each example.
+
+    Labels equal to ``missing_label`` (e.g. -1) are unknown: they add nothing and do not count in the mean.
+    An example with every label missing gives 0 (the Loss class masks it out of the batch average).
+
+    Args:
+        logits: ``(..., L)`` logits, one per label.
+        labels: multi-hot ``(..., L)`` in [0, 1], or ``missing_label``.
+        pos_weight: scalar or length-``L`` weight of the positive term.
+        label_smoothing: ``eps``; labels become ``(1 - eps) y + eps / 2``.
+        missing_label: a value marking an unknown label, or None.
+        label_reduction: ``"mean"`` (over present labels) or ``"sum"``.
+    """
+    pos_weight = check.weights_or_none("pos_weight", pos_weight, allow_scalar=True)
+    eps = check.fraction("label_smoothing", label_smoothing)
+    missing_label = check.number_or_none("missing_label", missing_label)
+    label_reduction = check.choice("label_reduction", label_reduction, ("mean", "sum"))
+    return _sigmoid_cross_entropy(logits, labels, pos_weight, eps, missing_label, mean=label_reduction == "mean")
+
+
+def sigmoid_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_smoothing=0.0):
+    """Binary focal loss (Lin et al. 2017) from logits, averaged over the last axis.
+
+    ``loss = alpha_t (1 - p_t)^gamma BCE`` with ``1 - p_t = y' sigmoid(-z) + (1 - y') sigmoid(z)`` computed without
+    cancellation and the BCE from softplus, so it never saturates. ``alpha_t = alpha y' + (1 - alpha)(1 - y')``
+    when ``alpha`` is given. ``gamma=0, alpha=None`` equals :func:`sigmoid_binary_cross_entropy` exactly.
+    """
+    gamma = check.non_negative("gamma", gamma)
+    alpha = check.number_or_none("alpha", alpha)
+    if alpha is not None:
+        alpha = check.fraction("alpha", alpha)
+    eps = check.fraction("label_smoothing", label_smoothing)
+    logits = upcast(logits)
+    y, _ = _sigmoid_labels(logits, labels, eps, None)
+    alpha_t = None if alpha is None else alpha * y + (1.0 - alpha) * (1.0 - y)
+
+    def forward(z):
+        p, q = ops.sigmoid(z), ops.sigmoid(-z)
+        one_minus_pt = y * q + (1.0 - y) * p
+        modulator = ops.power(one_minus_pt, gamma)
+        bce = _bce_terms(z, y, 1.0 - y)
+        elem = modulator * bce if alpha_t is None else alpha_t * modulator * bce
+        loss, scale = _label_reduction(elem, None, mean=True)
+
+        def vjp(g):
+            # d log(1 - p_t) / dz = (1 - 2y) p q / (1 - p_t); 0 where 1 - p_t underflowed (then modulator is 0 too).
+            positive = one_minus_pt > 0.0
+            ratio = ops.where(positive, (1.0 - 2.0 * y) * p * q / ops.where(positive, one_minus_pt, 1.0), 0.0)
+            grad = modulator * (gamma * ratio * bce + (p - y))
+            if alpha_t is not None:
+                grad = alpha_t * grad
+            return grad * scale * ops.expand_dims(g, -1)
+
+        return loss, vjp
+
+    return fused(forward)(logits)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regression likelihoods
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _location_scale(params, targets):
+    params = upcast(params)
+    width = _static_size(params, "y_pred")
+    if width % 2:
+        raise ValueError(
+            f"`y_pred` must hold [location, log_scale] concatenated on the last axis (2*D values), got {width} values."
+        )
+    dim = width // 2
+    targets = _same_rank(ops.cast(ops.convert_to_tensor(targets), params.dtype), params)
+    if targets.shape[-1] is not None and targets.shape[-1] != dim:
+        raise ValueError(
+            f"`y_true` has {targets.shape[-1]} values per example but `y_pred` holds {width} = 2 x {dim} "
+            f"(location and log-scale for each of {dim} targets)."
+        )
+    return params, targets, dim
+
+
+def _location_scale_nll(params, targets, nll_and_grads):
+    """Shared driver: ``nll_and_grads(residual, inv_scale) -> (elementwise nll without log_scale, d/dloc, d/dlog_scale)``."""
+    params, targets, dim = _location_scale(params, targets)
+
+    def forward(x):
+        loc, log_scale = x[..., :dim], x[..., dim:]
+        inv_scale = ops.exp(-log_scale)
+        core, d_loc, d_log_scale = nll_and_grads(targets - loc, inv_scale)
+        loss = mean_last(log_scale + core)
+
+        def vjp(g):
+            g = ops.expand_dims(g, -1) / dim
+            return ops.concatenate([d_loc * g, (1.0 + d_log_scale) * g], axis=-1)
+
+        return loss, vjp
+
+    return fused(forward)(params)
+
+
+def _gaussian_terms(residual, inv_scale):
+    r = residual * inv_scale
+    return 0.5 * ops.square(r), -r * inv_scale, -ops.square(r)
+
+
+def _laplace_terms(residual, inv_scale):
+    a = ops.abs(residual) * inv_scale
+    return a, -ops.sign(residual) * inv_scale, -a
+
+
+def gaussian_nll(y_pred, y_true, *, full=False):
+    """Gaussian negative log-likelihood, averaged over the D targets of an example.
+
+    ``y_pred`` is ``[mean, log_scale]`` concatenated on the last axis (``2 * D`` values, mean first) and
+    ``loss = mean(log_scale + (y - mean)^2 / (2 exp(2 log_scale)))`` (+ ``log(2 pi) / 2`` with ``full=True``).
+    With the scale fixed this is mean squared error up to constants; learning ``log_scale`` gives the spread.
+    Floor ``log_scale`` (``GaussianHead`` does) so that ``exp(-log_scale)`` stays finite.
+    """
+    loss = _location_scale_nll(y_pred, y_true, _gaussian_terms)
+    # log N(y | m, s) = -log s - (y - m)^2 / 2 s^2 - log(2 pi) / 2
+    return loss + 0.9189385332046727 if full else loss
+
+
+def laplace_nll(y_pred, y_true, *, full=False):
+    """Laplace negative log-likelihood (location = the median), averaged over the D targets of an example.
+
+    ``y_pred`` is ``[location, log_scale]`` on the last axis and ``loss = mean(log_scale + |y - location| / scale)``
+    (+ ``log 2`` with ``full=True``). With the scale fixed this is mean absolute error up to constants.
+    """
+    loss = _location_scale_nll(y_pred, y_true, _laplace_terms)
+    # log Laplace(y | m, b) = -log b - |y - m| / b - log 2
+    return loss + 0.6931471805599453 if full else loss

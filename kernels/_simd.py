@@ -1,0 +1,256 @@
+"""float32 building blocks that LLVM can vectorize.
+
+pip-installed Numba has no SVML, so ``np.exp``/``math.exp`` stay scalar library calls and keep any loop that
+uses them from vectorizing; ``max`` reductions do not vectorize either. Everything here is written in plain
+float32 arithmetic (no float64 constant, no ``math.floor``, which returns int64 and promotes to float64) so that
+it inlines into a loop and becomes SIMD code.
+
+- ``maxnum_f32``/``minnum_f32``: ``llvm.maxnum.f32``/``llvm.minnum.f32`` (IEEE maxNum: a NaN operand is ignored),
+  which LLVM turns into vector max reductions.
+- ``exp_nonpos_f32``: the same for the arguments of softmax (``z - max <= 0``), with one ``2^n`` factor
+  (denormal results may flush to 0); about 2/3 of the instructions of ``exp_f32``.
+- ``exp_f32``: Cephes ``expf``: ``n = round(x / ln2)``, ``r = x - n ln2`` (Cody-Waite, two constants),
+  ``exp(r)`` by a degree-5 polynomial, times ``2^n`` built from its bits (in two halves, so that results in
+  the denormal range and ``n = 128`` are exact). Explicit branches: ``x > EXP_HI -> +inf``, ``x < EXP_LO -> 0``,
+  NaN -> NaN. About 1 ulp.
+- ``log1p_exp_neg_abs``: ``log(1 + exp(-|x|))``, the soft part of softplus: Cephes ``logf`` polynomial on the
+  mantissa of ``v = 1 + u``, plus the rounding error of ``1 + u`` divided by ``v`` (Goldberg).
+- ``tanh_f32``: Cephes ``tanhf``.
+
+Inlining and flags: LLVM inlines the small ``exp_f32`` into every loop by itself, and the fast-math flags are per
+instruction, so its Cody-Waite reduction keeps ``ELEMENTARY_FASTMATH`` (no ``reassoc``) inside a ``FASTMATH``
+kernel. The larger functions are too big for LLVM's inliner once ``exp_f32`` is inside them, and a call in the
+loop stops vectorization, so they are inlined by Numba (``inline='always'``), whose inlined code takes the
+caller's flags: their arithmetic is written to be safe under ``reassoc``, and the one step that is not (the
+rounding error of ``1 + u``) is a separate small function.
+"""
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+from ._config import ELEMENTARY_FASTMATH, EXP_HI, EXP_LO, TANH_POLY_MAX
+
+_F32 = ir.FloatType()
+
+
+def _binary_f32_intrinsic(name):
+    def codegen(context, builder, signature, args):
+        fnty = ir.FunctionType(_F32, [_F32, _F32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, name)
+        return builder.call(fn, args)
+
+    return codegen
+
+
+@intrinsic
+def maxnum_f32(typingctx, a, b):
+    """IEEE maxNum of two float32 (a NaN operand is ignored); vectorizes as a reduction."""
+    if a != types.float32 or b != types.float32:
+        return None
+    return types.float32(types.float32, types.float32), _binary_f32_intrinsic("llvm.maxnum.f32")
+
+
+@intrinsic
+def minnum_f32(typingctx, a, b):
+    """IEEE minNum of two float32 (a NaN operand is ignored)."""
+    if a != types.float32 or b != types.float32:
+        return None
+    return types.float32(types.float32, types.float32), _binary_f32_intrinsic("llvm.minnum.f32")
+
+
+@intrinsic
+def select_f32(typingctx, cond, a, b):
+    """``a if cond else b`` as one LLVM ``select`` (never a branch, which can keep a loop from vectorizing)."""
+    if not isinstance(cond, types.Boolean) or a != types.float32 or b != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        c, x, y = args
+        if c.type != ir.IntType(1):
+            c = builder.icmp_unsigned("!=", c, ir.Constant(c.type, 0))
+        return builder.select(c, x, y)
+
+    return types.float32(cond, types.float32, types.float32), codegen
+
+
+@intrinsic
+def bits_to_f32(typingctx, i):
+    """Reinterpret the low 32 bits of an integer as a float32 (Numba widens int32 arithmetic to int64)."""
+    if not isinstance(i, types.Integer):
+        return None
+
+    def codegen(context, builder, signature, args):
+        v = args[0]
+        if i.bitwidth != 32:
+            v = builder.trunc(v, ir.IntType(32)) if i.bitwidth > 32 else builder.sext(v, ir.IntType(32))
+        return builder.bitcast(v, _F32)
+
+    return types.float32(i), codegen
+
+
+_f32 = np.float32
+_i32 = np.int32
+ZERO = _f32(0.0)
+ONE = _f32(1.0)
+TWO = _f32(2.0)
+HALF = _f32(0.5)
+INF = _f32(np.inf)
+NEG_INF = _f32(-np.inf)
+NAN = _f32(np.nan)
+
+_LOG2E = _f32(1.44269504088896341)
+# ln 2 split so that n * _LN2_HI is exact for |n| < 2^9 (Cody-Waite).
+_LN2_HI = _f32(0.693359375)
+_LN2_LO = _f32(-2.12194440e-4)
+_EXP_P0 = _f32(1.9875691500e-4)
+_EXP_P1 = _f32(1.3981999507e-3)
+_EXP_P2 = _f32(8.3334519073e-3)
+_EXP_P3 = _f32(4.1665795894e-2)
+_EXP_P4 = _f32(1.6666665459e-1)
+_EXP_P5 = _f32(5.0000001201e-1)
+_EXP_BIAS = _i32(127)
+_MANT_BITS = _i32(23)
+_ONE_I32 = _i32(1)
+
+
+@njit(fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def exp_f32(x):
+    """exp of a float32, ~1 ulp, vectorizable; +inf -> +inf, -inf -> 0, NaN -> NaN."""
+    # Clamp first so that the float -> int conversion below never sees NaN or a huge value (that would be poison).
+    xc = minnum_f32(maxnum_f32(x, EXP_LO), EXP_HI)
+    # 1. n = round(x / ln 2); np.floor keeps float32 (math.floor would return int64 and promote to float64).
+    fn = np.floor(xc * _LOG2E + HALF)
+    # 2. r = x - n ln 2 in two steps, |r| <= ln(2) / 2.
+    r = xc - fn * _LN2_HI
+    r = r - fn * _LN2_LO
+    # 3. exp(r) = 1 + r + r^2 P(r).
+    p = _EXP_P0 * r + _EXP_P1
+    p = p * r + _EXP_P2
+    p = p * r + _EXP_P3
+    p = p * r + _EXP_P4
+    p = p * r + _EXP_P5
+    p = p * (r * r) + r + ONE
+    # 4. times 2^n = 2^n1 * 2^n2 with both halves normal numbers, n in [-150, 128].
+    n = _i32(fn)
+    n1 = n >> _ONE_I32
+    n2 = n - n1
+    y = p * bits_to_f32((n1 + _EXP_BIAS) << _MANT_BITS) * bits_to_f32((n2 + _EXP_BIAS) << _MANT_BITS)
+    y = select_f32(x > EXP_HI, INF, y)
+    y = select_f32(x < EXP_LO, ZERO, y)
+    return select_f32(x != x, x, y)
+
+
+_EXP_NONPOS_LO = _f32(-88.0)
+_EXP_NONPOS_HI = _f32(89.0)
+
+
+@njit(fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def exp_nonpos_f32(x):
+    """exp for the shifted arguments of softmax (x = z - max <= 0): ~1 ulp for normal results, cheaper than exp_f32.
+
+    One 2^n scale instead of two: results below the smallest normal (x < -87.3) may be flushed to 0, and
+    x in (88.37, 88.72] gives +inf instead of a finite number; +inf -> +inf, -inf -> 0, NaN -> NaN.
+    """
+    # Clamp so that n stays in [-127, 128]: 2^-127 has exponent bits 0 (the result is 0), 2^128 those of +inf.
+    xc = minnum_f32(maxnum_f32(x, _EXP_NONPOS_LO), _EXP_NONPOS_HI)
+    fn = np.floor(xc * _LOG2E + HALF)
+    r = xc - fn * _LN2_HI
+    r = r - fn * _LN2_LO
+    p = _EXP_P0 * r + _EXP_P1
+    p = p * r + _EXP_P2
+    p = p * r + _EXP_P3
+    p = p * r + _EXP_P4
+    p = p * r + _EXP_P5
+    p = p * (r * r) + r + ONE
+    y = p * bits_to_f32((_i32(fn) + _EXP_BIAS) << _MANT_BITS)
+    return select_f32(x != x, x, y)
+
+
+_LOG_P0 = _f32(7.0376836292e-2)
+_LOG_P1 = _f32(-1.1514610310e-1)
+_LOG_P2 = _f32(1.1676998740e-1)
+_LOG_P3 = _f32(-1.2420140846e-1)
+_LOG_P4 = _f32(1.4249322787e-1)
+_LOG_P5 = _f32(-1.6668057665e-1)
+_LOG_P6 = _f32(2.0000714765e-1)
+_LOG_P7 = _f32(-2.4999993993e-1)
+_LOG_P8 = _f32(3.3333331174e-1)
+
+
+@njit(inline="always", fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def _log_mantissa_poly(f):
+    """log(1 + f) for f in [sqrt(1/2) - 1, sqrt(2) - 1), without the exponent part (Cephes logf)."""
+    z = f * f
+    q = _LOG_P0 * f + _LOG_P1
+    q = q * f + _LOG_P2
+    q = q * f + _LOG_P3
+    q = q * f + _LOG_P4
+    q = q * f + _LOG_P5
+    q = q * f + _LOG_P6
+    q = q * f + _LOG_P7
+    q = q * f + _LOG_P8
+    return f + (q * f * z - HALF * z)
+
+
+_SQRT2 = _f32(1.41421356237309505)
+_LN2 = _f32(0.693147180559945309)
+
+
+@njit(fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def _one_plus_rounding_error(u, v):
+    """u - (v - 1) for v = fl(1 + u): exact for 0 <= u <= 1 (a separate function: ``reassoc`` would fold it to 0)."""
+    return u - (v - ONE)
+
+
+@njit(inline="always", fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def log1p_exp_neg_abs(x):
+    """log(1 + exp(-|x|)) in (0, ln 2], accurate also when exp(-|x|) is tiny; NaN -> NaN."""
+    u = exp_nonpos_f32(-np.abs(x))
+    v = ONE + u
+    # log(v + c) ~= log(v) + c / v, c the rounding error of 1 + u.
+    c = _one_plus_rounding_error(u, v)
+    # v in [1, 2]: fold into [sqrt(1/2), sqrt(2)) with k in {0, 1}.
+    big = v >= _SQRT2
+    k = select_f32(big, ONE, ZERO)
+    m = select_f32(big, HALF * v, v)
+    return _log_mantissa_poly(m - ONE) + k * _LN2 + c / v
+
+
+@njit(inline="always", fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def softplus_f32(x):
+    """log(1 + exp(x)) = max(x, 0) + log(1 + exp(-|x|)); +inf -> +inf, -inf -> 0, NaN -> NaN."""
+    return maxnum_f32(x, ZERO) + log1p_exp_neg_abs(x)
+
+
+_TANH_P0 = _f32(-5.70498872745e-3)
+_TANH_P1 = _f32(2.06390887954e-2)
+_TANH_P2 = _f32(-5.37397155531e-2)
+_TANH_P3 = _f32(1.33314422036e-1)
+_TANH_P4 = _f32(-3.33332819422e-1)
+
+
+@njit(inline="always", fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def tanh_f32(x):
+    """tanh of a float32 (Cephes tanhf, ~2 ulp); +-inf -> +-1, NaN -> NaN; vectorizable."""
+    ax = np.abs(x)
+    # |x| >= 0.625: (1 - e) / (1 + e), e = exp(-2|x|) <= 0.29 (no cancellation); e = 0 for large |x|: exactly 1.
+    e = exp_nonpos_f32(-(ax + ax))
+    big = np.copysign((ONE - e) / (ONE + e), x)
+    z = x * x
+    q = _TANH_P0 * z + _TANH_P1
+    q = q * z + _TANH_P2
+    q = q * z + _TANH_P3
+    q = q * z + _TANH_P4
+    small = q * z * x + x
+    return select_f32(ax < TANH_POLY_MAX, small, big)
+
+
+@njit(inline="always", fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def sigmoid_f32(x):
+    """1 / (1 + exp(-x)) without overflow: exp(-|x|) / (1 + exp(-|x|)) for x < 0; NaN -> NaN."""
+    u = exp_nonpos_f32(-np.abs(x))
+    s = ONE / (ONE + u)
+    return select_f32(x >= ZERO, s, u * s)

@@ -1,0 +1,95 @@
+"""Sigmoid (multi-label / binary) cross-entropy kernels, forward and backward.
+
+Per entry, with ``ybar = (1 - eps) y + eps / 2`` and ``pw`` the positive weight of its label:
+
+    elem = pw ybar softplus(-z) + (1 - ybar) softplus(z)          # -pw ybar log s(z) - (1 - ybar) log(1 - s(z))
+    d elem / dz = s(z) (pw ybar + 1 - ybar) - pw ybar
+
+``softplus(x) = max(x, 0) + log(1 + exp(-|x|))`` never overflows; both softplus share ``log(1 + exp(-|z|))``.
+Entries whose label equals ``missing_label`` (with ``has_missing``) are dropped. The row loss is the sum over
+present entries, or (``mean_over_labels``) that sum divided by the number present, 0 when none is.
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from ._config import FASTMATH
+from ._simd import HALF, ONE, ZERO, log1p_exp_neg_abs, maxnum_f32, sigmoid_f32
+
+_f32 = np.float32
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def _elem_loss(z, ybar, pw):
+    soft = log1p_exp_neg_abs(z)
+    # softplus(z) and softplus(-z) = log(1 - sigmoid(z)) and log sigmoid(z), negated.
+    sp_pos = maxnum_f32(z, ZERO) + soft
+    sp_neg = maxnum_f32(-z, ZERO) + soft
+    return pw * ybar * sp_neg + (ONE - ybar) * sp_pos
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+def _sigmoid_fwd_rows(logits, labels, loss_out, pos_weight, eps, missing, has_missing, mean_over_labels):
+    n, c = logits.shape
+    one_m_eps = ONE - eps
+    eps_half = HALF * eps
+    for i in prange(n):
+        row = logits[i]
+        lab = labels[i]
+        total = ZERO
+        count = _f32(c)
+        if has_missing:
+            count = ZERO
+            for j in range(c):
+                y = lab[j]
+                e = _elem_loss(row[j], one_m_eps * y + eps_half, pos_weight[j])
+                present = y != missing
+                total += e if present else ZERO
+                count += ONE if present else ZERO
+        else:
+            for j in range(c):
+                total += _elem_loss(row[j], one_m_eps * lab[j] + eps_half, pos_weight[j])
+        if mean_over_labels:
+            total = total / count if count > ZERO else ZERO
+        loss_out[i] = total
+
+
+@njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
+def _sigmoid_bwd_rows(logits, labels, dloss, grad_out, pos_weight, eps, missing, has_missing, mean_over_labels):
+    n, c = logits.shape
+    one_m_eps = ONE - eps
+    eps_half = HALF * eps
+    for i in prange(n):
+        row = logits[i]
+        lab = labels[i]
+        out = grad_out[i]
+        scale = dloss[i]
+        if mean_over_labels:
+            count = _f32(c)
+            if has_missing:
+                count = ZERO
+                for j in range(c):
+                    count += ONE if lab[j] != missing else ZERO
+            scale = scale / count if count > ZERO else ZERO
+        for j in range(c):
+            y = lab[j]
+            pwy = pos_weight[j] * (one_m_eps * y + eps_half)
+            ybar = one_m_eps * y + eps_half
+            v = scale * (sigmoid_f32(row[j]) * (pwy + ONE - ybar) - pwy)
+            if has_missing and y == missing:
+                v = ZERO
+            out[j] = v
+
+
+def sigmoid_ce_fwd(logits, labels2d, loss_out, pos_weight, label_smoothing, missing_label, has_missing,
+                   mean_over_labels):
+    """Sigmoid CE forward: writes loss_out[N]; logits and labels2d float32 [N, L], pos_weight float32 [L]."""
+    _sigmoid_fwd_rows(logits, labels2d, loss_out, pos_weight, _f32(label_smoothing), _f32(missing_label),
+                      bool(has_missing), bool(mean_over_labels))
+
+
+def sigmoid_ce_bwd(logits, labels2d, dloss, grad_out, pos_weight, label_smoothing, missing_label, has_missing,
+                   mean_over_labels):
+    """Sigmoid CE backward: writes grad_out[N, L] = dloss[:, None] * d loss / d logits (0 where dropped)."""
+    _sigmoid_bwd_rows(logits, labels2d, dloss, grad_out, pos_weight, _f32(label_smoothing), _f32(missing_label),
+                      bool(has_missing), bool(mean_over_labels))
