@@ -13,8 +13,10 @@ Laplace                     identity (median)   ``LaplaceNLL``
 ==========================  ==================  ========================================
 """
 
+from . import dispatch
 from . import ops
 from . import testing
+from .dispatch import explain
 from .losses import GaussianNLL
 from .losses import LaplaceNLL
 from .losses import StableBinaryCE
@@ -35,6 +37,8 @@ __all__ = [
     "StableSoftmaxCE",
     "StableSoftmaxFocalCE",
     "StableSparseSoftmaxCE",
+    "dispatch",
+    "explain",
     "ops",
     "testing",
 ]

@@ -9,6 +9,7 @@ from keras import ops as kops
 from keras.src.backend import set_keras_mask
 
 from . import _validation as check
+from . import dispatch
 from . import ops
 from ._export import export
 
@@ -18,8 +19,11 @@ class _StableLoss(keras.losses.Loss):
 
     _options = ()
 
-    def __init__(self, *, name, reduction, dtype):
+    def __init__(self, *, name, reduction, dtype, implementation=None):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
+        if implementation is not None:
+            dispatch.requested(implementation)  # validate now: a ValueError naming the choices
+        self.implementation = implementation
 
     def _op_options(self):
         return {key: getattr(self, key) for key in self._options}
@@ -46,6 +50,7 @@ class StableBinaryCE(_StableLoss):
     Args:
         pos_weight: weight of the positive term (``torch``'s ``pos_weight``), a scalar or one per unit.
         label_smoothing: ``eps`` in [0, 1]; labels become ``(1 - eps) y + eps / 2``.
+        implementation: None/``"auto"``, ``"portable"`` or ``"numba_cpu"`` (see ``keras_stable_heads.dispatch``).
         reduction, name, dtype: as ``keras.losses.Loss``.
 
     Example:
@@ -55,11 +60,12 @@ class StableBinaryCE(_StableLoss):
         >>> model.compile(optimizer="adam", loss=StableBinaryCE(pos_weight=3.0))
     """
 
-    _options = ("pos_weight", "label_smoothing")
+    _options = ("pos_weight", "label_smoothing", "implementation")
+    _kernel_op = "sigmoid_ce"
 
-    def __init__(self, pos_weight=None, label_smoothing=0.0, reduction="sum_over_batch_size", name="stable_binary_ce",
-                 dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+    def __init__(self, pos_weight=None, label_smoothing=0.0, implementation=None, reduction="sum_over_batch_size",
+                 name="stable_binary_ce", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype, implementation=implementation)
         self.pos_weight = check.weights_or_none("pos_weight", pos_weight, allow_scalar=True)
         self.label_smoothing = check.fraction("label_smoothing", label_smoothing)
 
@@ -77,6 +83,7 @@ class StableSoftmaxCE(_StableLoss):
         z_loss: coefficient of ``logsumexp(z)^2`` (0 disables).
         logit_softcap: ``c > 0`` applies ``c * tanh(z / c)`` first; None disables.
         axis: the class axis.
+        implementation: None/``"auto"``, ``"portable"`` or ``"numba_cpu"`` (see ``keras_stable_heads.dispatch``).
         reduction, name, dtype: as ``keras.losses.Loss``.
 
     Example:
@@ -86,11 +93,12 @@ class StableSoftmaxCE(_StableLoss):
         >>> model.compile(optimizer="adam", loss=StableSoftmaxCE(label_smoothing=0.1))
     """
 
-    _options = ("label_smoothing", "class_weight", "z_loss", "logit_softcap", "axis")
+    _options = ("label_smoothing", "class_weight", "z_loss", "logit_softcap", "axis", "implementation")
+    _kernel_op = "softmax_ce"
 
     def __init__(self, label_smoothing=0.0, class_weight=None, z_loss=0.0, logit_softcap=None, axis=-1,
-                 reduction="sum_over_batch_size", name="stable_softmax_ce", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+                 implementation=None, reduction="sum_over_batch_size", name="stable_softmax_ce", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype, implementation=implementation)
         self.label_smoothing = check.fraction("label_smoothing", label_smoothing)
         self.class_weight = check.weights_or_none("class_weight", class_weight)
         self.z_loss = check.non_negative("z_loss", z_loss)
@@ -110,15 +118,17 @@ class StableSparseSoftmaxCE(_StableLoss):
 
     Args:
         ignore_class: an integer label marking entries to skip (e.g. -1 or 255), or None.
-        label_smoothing, class_weight, z_loss, logit_softcap, axis: as ``StableSoftmaxCE``.
+        label_smoothing, class_weight, z_loss, logit_softcap, axis, implementation: as ``StableSoftmaxCE``.
         reduction, name, dtype: as ``keras.losses.Loss``.
     """
 
-    _options = ("ignore_class", "label_smoothing", "class_weight", "z_loss", "logit_softcap", "axis")
+    _options = ("ignore_class", "label_smoothing", "class_weight", "z_loss", "logit_softcap", "axis", "implementation")
+    _kernel_op = "sparse_softmax_ce"
 
     def __init__(self, ignore_class=None, label_smoothing=0.0, class_weight=None, z_loss=0.0, logit_softcap=None,
-                 axis=-1, reduction="sum_over_batch_size", name="stable_sparse_softmax_ce", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+                 axis=-1, implementation=None, reduction="sum_over_batch_size", name="stable_sparse_softmax_ce",
+                 dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype, implementation=implementation)
         self.ignore_class = check.integer_or_none("ignore_class", ignore_class)
         self.label_smoothing = check.fraction("label_smoothing", label_smoothing)
         self.class_weight = check.weights_or_none("class_weight", class_weight)
@@ -144,14 +154,16 @@ class StableMultilabelCE(_StableLoss):
         missing_label: a label value (e.g. -1) marking an unknown label, dropped from the loss; an example with
             every label missing is masked out of the batch average.
         label_reduction: ``"mean"`` over present labels (default) or ``"sum"``.
+        implementation: as ``StableBinaryCE``.
         reduction, name, dtype: as ``keras.losses.Loss``.
     """
 
-    _options = ("pos_weight", "label_smoothing", "missing_label", "label_reduction")
+    _options = ("pos_weight", "label_smoothing", "missing_label", "label_reduction", "implementation")
+    _kernel_op = "sigmoid_ce"
 
     def __init__(self, pos_weight=None, label_smoothing=0.0, missing_label=None, label_reduction="mean",
-                 reduction="sum_over_batch_size", name="stable_multilabel_ce", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+                 implementation=None, reduction="sum_over_batch_size", name="stable_multilabel_ce", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype, implementation=implementation)
         self.pos_weight = check.weights_or_none("pos_weight", pos_weight, allow_scalar=True)
         self.label_smoothing = check.fraction("label_smoothing", label_smoothing)
         self.missing_label = check.number_or_none("missing_label", missing_label)

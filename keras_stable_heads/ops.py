@@ -12,6 +12,7 @@ constants: no gradient flows to them.
 from keras import ops
 
 from . import _backend
+from . import dispatch
 from . import _validation as check
 from .numerics import fused
 from .numerics import is_neg_inf
@@ -141,7 +142,8 @@ def _z_loss_term(z_loss, shift, log_sum):
     return z_loss * ops.square(ops.where(ops.isfinite(lse), lse, ops.zeros_like(lse)))
 
 
-def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=None, z_loss=0.0, logit_softcap=None, axis=-1):
+def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=None, z_loss=0.0, logit_softcap=None, axis=-1,
+                          implementation=None):
     """Softmax cross-entropy of logits against one-hot or probability labels.
 
     Computes, per example, with ``z' = softcap(z)``, ``y' = (1 - eps) y + eps / C`` and class weights ``w``::
@@ -160,6 +162,7 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=N
         z_loss: coefficient of the z-loss ``lse^2`` (PaLM, Chowdhery et al. 2022); 0 disables it.
         logit_softcap: ``c > 0`` applies ``c * tanh(z / c)`` before the softmax (Gemma 2); ``-inf`` stays ``-inf``.
         axis: the class axis.
+        implementation: ``"auto"`` (default), ``"portable"`` or ``"numba_cpu"``; see :mod:`keras_stable_heads.dispatch`.
 
     Returns:
         The per-example loss, shape ``logits.shape`` without ``axis``.
@@ -180,6 +183,10 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=N
     labels = _class_axis_last(ops.cast(ops.convert_to_tensor(labels), logits.dtype), axis)
     num_classes = _static_size(logits, "logits")
     w = _per_class(class_weight, num_classes, logits.dtype, "class_weight")
+    choice = dispatch.choose("softmax_ce", logits, implementation)
+    if choice.implementation != "portable":
+        options = dict(label_smoothing=eps, class_weight=class_weight, z_loss=z_loss, logit_softcap=cap)
+        return dispatch.run(choice, "softmax_ce", logits, labels, options)
     target = (1.0 - eps) * labels + eps / num_classes if eps else labels
     if w is not None:
         target = target * w
@@ -199,7 +206,8 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=N
 
 
 def softmax_cross_entropy_with_integer_labels(
-    logits, labels, *, ignore_class=None, label_smoothing=0.0, class_weight=None, z_loss=0.0, logit_softcap=None, axis=-1
+    logits, labels, *, ignore_class=None, label_smoothing=0.0, class_weight=None, z_loss=0.0, logit_softcap=None, axis=-1,
+    implementation=None,
 ):
     """Softmax cross-entropy against integer class ids, without building a one-hot in the forward pass.
 
@@ -214,7 +222,7 @@ def softmax_cross_entropy_with_integer_labels(
         logits: float tensor ``(..., C)`` (classes on ``axis``).
         labels: integer class ids, shape ``logits.shape`` without ``axis``, or with size 1 there.
         ignore_class: an integer label (e.g. -1 or 255) that marks entries to skip.
-        label_smoothing, class_weight, z_loss, logit_softcap, axis: as in :func:`softmax_cross_entropy`.
+        label_smoothing, class_weight, z_loss, logit_softcap, axis, implementation: as in :func:`softmax_cross_entropy`.
 
     Example:
         >>> import numpy as np
@@ -234,6 +242,11 @@ def softmax_cross_entropy_with_integer_labels(
     logits = _class_axis_last(logits, axis)
     num_classes = _static_size(logits, "logits")
     _check_label_range(labels, num_classes, ignore_class)
+    choice = dispatch.choose("sparse_softmax_ce", logits, implementation)
+    if choice.implementation != "portable":
+        options = dict(ignore_class=ignore_class, label_smoothing=eps, class_weight=class_weight, z_loss=z_loss,
+                       logit_softcap=cap)
+        return dispatch.run(choice, "sparse_softmax_ce", logits, labels, options)
     dtype = logits.dtype
     w = _per_class(class_weight, num_classes, dtype, "class_weight")
 
@@ -368,8 +381,13 @@ def _label_reduction(values, present, mean):
     return total * scale, ops.cast(present, values.dtype) * ops.expand_dims(scale, -1)
 
 
-def _sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, missing_label, mean):
+def _sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, missing_label, mean, implementation):
     logits = upcast(logits)
+    choice = dispatch.choose("sigmoid_ce", logits, implementation)
+    if choice.implementation != "portable":
+        options = dict(pos_weight=pos_weight, label_smoothing=label_smoothing, missing_label=missing_label,
+                       label_reduction="mean" if mean else "sum")
+        return dispatch.run(choice, "sigmoid_ce", logits, _same_rank(ops.convert_to_tensor(labels), logits), options)
     y, present = _sigmoid_labels(logits, labels, label_smoothing, missing_label)
     pw = _per_class(pos_weight, _static_size(logits, "logits"), logits.dtype, "pos_weight")
     target_pos = y if pw is None else pw * y
@@ -387,7 +405,7 @@ def _sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, missing_
     return fused(forward)(logits)
 
 
-def sigmoid_binary_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.0):
+def sigmoid_binary_cross_entropy(logits, labels, *, pos_weight=None, label_smoothing=0.0, implementation=None):
     """Binary cross-entropy from logits, averaged over the last axis (Keras's ``binary_crossentropy`` convention).
 
     ``loss = mean(pos_weight * y' softplus(-z) + (1 - y') softplus(z))`` with ``y' = (1 - eps) y + eps / 2``.
@@ -402,11 +420,12 @@ def sigmoid_binary_cross_entropy(logits, labels, *, pos_weight=None, label_smoot
     """
     pos_weight = check.weights_or_none("pos_weight", pos_weight, allow_scalar=True)
     eps = check.fraction("label_smoothing", label_smoothing)
-    return _sigmoid_cross_entropy(logits, labels, pos_weight, eps, None, mean=True)
+    return _sigmoid_cross_entropy(logits, labels, pos_weight, eps, None, True, implementation)
 
 
 def sigmoid_multilabel_cross_entropy(
-    logits, labels, *, pos_weight=None, label_smoothing=0.0, missing_label=None, label_reduction="mean"
+    logits, labels, *, pos_weight=None, label_smoothing=0.0, missing_label=None, label_reduction="mean",
+    implementation=None,
 ):
     """Independent sigmoid cross-entropy per label, reduced over the labels of each example.
 
@@ -420,12 +439,13 @@ def sigmoid_multilabel_cross_entropy(
         label_smoothing: ``eps``; labels become ``(1 - eps) y + eps / 2``.
         missing_label: a value marking an unknown label, or None.
         label_reduction: ``"mean"`` (over present labels) or ``"sum"``.
+        implementation: as in :func:`softmax_cross_entropy`.
     """
     pos_weight = check.weights_or_none("pos_weight", pos_weight, allow_scalar=True)
     eps = check.fraction("label_smoothing", label_smoothing)
     missing_label = check.number_or_none("missing_label", missing_label)
     label_reduction = check.choice("label_reduction", label_reduction, ("mean", "sum"))
-    return _sigmoid_cross_entropy(logits, labels, pos_weight, eps, missing_label, mean=label_reduction == "mean")
+    return _sigmoid_cross_entropy(logits, labels, pos_weight, eps, missing_label, label_reduction == "mean", implementation)
 
 
 def sigmoid_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_smoothing=0.0):

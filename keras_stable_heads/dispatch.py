@@ -1,0 +1,267 @@
+"""Which implementation computes an op: a registry, with the backend resolved once at import.
+
+Implementations (in order of preference for the automatic choice):
+
+- ``numba_cpu``: the fused Numba kernels of ``keras_stable_heads.kernels``, for float32 CPU tensors on every
+  backend, through one bridge per backend (``bridges/``). Not inside an XLA-compiled TensorFlow function (no XLA
+  kernel exists for a Python op), not inside ``torch.compile``, and not under a Keras or ``tf.distribute``
+  distribution (a host kernel cannot be sharded).
+- ``portable``: the ``keras.ops`` code in :mod:`keras_stable_heads.ops`: every backend, device, dtype and
+  context, compiled by XLA where the backend uses it.
+
+Choosing: the keyword ``implementation=`` of an op or loss wins, else the environment variable
+``KERAS_STABLE_HEADS_IMPLEMENTATION``, else ``"auto"``. A forced implementation that cannot run raises
+``ValueError`` saying why; ``"auto"`` takes the first that can run and whose measured size threshold the input
+reaches, else the portable path. :func:`explain` returns the choice and the reason.
+"""
+
+import dataclasses
+import os
+
+import keras
+
+from . import _backend
+
+ENV_VAR = "KERAS_STABLE_HEADS_IMPLEMENTATION"
+CHOICES = ("auto", "portable", "numba_cpu")
+
+# The automatic choice uses the Numba path from this many logits up (N * C), per backend. Measured with
+# benchmarks/dispatch_threshold.py on the 2-core CPU machine (see README, "Numba CPU kernels"): below these
+# sizes the fixed cost of leaving the framework (about 0.02 ms JAX, 0.08 ms torch, 0.3 ms TensorFlow)
+# outweighs the faster kernel.
+NUMBA_MIN_ELEMENTS = {"jax": 1 << 16, "torch": 1 << 12, "tensorflow": 1 << 16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    """The implementation chosen for one call, and why."""
+
+    implementation: str
+    reason: str
+
+    def __str__(self):
+        return f"{self.implementation}: {self.reason}"
+
+
+def requested(implementation=None):
+    """The implementation asked for, by keyword or environment variable, validated."""
+    value = implementation if implementation is not None else os.environ.get(ENV_VAR, "auto")
+    value = {"numba": "numba_cpu"}.get(value, value)
+    if value not in CHOICES:
+        source = "`implementation`" if implementation is not None else f"${ENV_VAR}"
+        raise ValueError(f"{source} must be one of {CHOICES} (or 'numba'), got {value!r}.")
+    return value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where a tensor lives and what context it is traced in, per backend (resolved once)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tensorflow_context():
+    import tensorflow as tf
+
+    def in_xla():
+        try:
+            from tensorflow.python.ops import control_flow_util
+
+            return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+        except (ImportError, AttributeError):  # private API moved: be safe, use the portable path
+            return True
+
+    def context(x):
+        if tf.executing_eagerly():
+            device = "gpu" if "GPU" in (getattr(x, "device", "") or "") else "cpu"
+        else:
+            device = "gpu" if tf.config.list_logical_devices("GPU") else "cpu"
+        if in_xla():
+            return device, "inside an XLA-compiled function (jit_compile=True), which cannot call a Python kernel"
+        if tf.distribute.has_strategy():
+            return device, "inside a tf.distribute strategy scope, where a host kernel cannot be sharded"
+        return device, None
+
+    return context
+
+
+def _jax_context():
+    import jax
+
+    def context(x):
+        if isinstance(x, jax.core.Tracer):
+            device = jax.default_backend()
+        else:
+            device = next(iter(x.devices())).platform
+        device = "cpu" if device == "cpu" else "gpu"
+        if keras.distribution.distribution() is not None:
+            return device, "under a keras.distribution layout, where a host kernel cannot be sharded"
+        return device, None
+
+    return context
+
+
+def _torch_context():
+    import torch
+
+    def context(x):
+        device = "cpu" if x.device.type == "cpu" else "gpu"
+        if torch.compiler.is_compiling():
+            return device, "inside torch.compile, which cannot trace a NumPy kernel"
+        return device, None
+
+    return context
+
+
+def _numpy_context():
+    return lambda x: ("cpu", "the numpy backend has no custom gradients to attach a kernel to")
+
+
+_context = {"tensorflow": _tensorflow_context, "jax": _jax_context, "torch": _torch_context,
+            "numpy": _numpy_context}[_backend.BACKEND]()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The registry
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Implementation:
+    name: str
+    ops: frozenset
+    backends: frozenset
+    devices: frozenset
+    min_elements: dict
+
+    def blocker(self, op, x):
+        """Why this implementation cannot compute ``op`` on ``x`` here, or None if it can."""
+        if op not in self.ops:
+            return f"{self.name} has no kernel for {op}"
+        if _backend.BACKEND not in self.backends:
+            return f"{self.name} does not serve the {_backend.BACKEND} backend"
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        if dtype != "float32":
+            return f"{self.name} computes float32 only, got {dtype}"
+        if x.shape[-1] is None:
+            return "the class axis has no static size"
+        device, context = _context(x)
+        if device not in self.devices:
+            return f"{self.name} does not run on {device} tensors"
+        if context is not None:
+            return context
+        missing = _import_error(self.name)
+        if missing:
+            return missing
+        return None
+
+
+_IMPORT_ERRORS = {}
+
+
+def _import_error(name):
+    """Import the kernels once; remember why they could not be imported."""
+    if name not in _IMPORT_ERRORS:
+        try:
+            from . import kernels  # noqa: F401
+
+            _IMPORT_ERRORS[name] = None
+        except Exception as error:  # a broken numba install must not break the portable path
+            _IMPORT_ERRORS[name] = f"the Numba kernels could not be imported ({type(error).__name__}: {error})"
+    return _IMPORT_ERRORS[name]
+
+
+REGISTRY = {
+    "numba_cpu": Implementation(
+        name="numba_cpu",
+        ops=frozenset({"sparse_softmax_ce", "softmax_ce", "sigmoid_ce"}),
+        backends=frozenset({"tensorflow", "jax", "torch"}),
+        devices=frozenset({"cpu"}),
+        min_elements=NUMBA_MIN_ELEMENTS,
+    ),
+}
+
+
+def _elements(x):
+    size = 1
+    for d in x.shape:
+        if d is None:
+            return None
+        size *= int(d)
+    return size
+
+
+def choose(op, x, implementation=None):
+    """The :class:`Choice` for computing ``op`` on logits ``x`` (already float32/float64, classes last)."""
+    wanted = requested(implementation)
+    if wanted == "portable":
+        return Choice("portable", "requested")
+    if wanted != "auto":
+        blocker = REGISTRY[wanted].blocker(op, x)
+        if blocker:
+            raise ValueError(f"implementation={wanted!r} cannot compute {op} here: {blocker}. "
+                             f"Use implementation='auto' to fall back to the portable path.")
+        return Choice(wanted, "requested")
+    reasons = []
+    for impl in REGISTRY.values():
+        blocker = impl.blocker(op, x)
+        if blocker is None:
+            size, threshold = _elements(x), impl.min_elements.get(_backend.BACKEND, 0)
+            if size is not None and size < threshold:
+                blocker = f"{size} logits is below the measured threshold of {threshold} for {impl.name}"
+            else:
+                return Choice(impl.name, f"{_shape(x)} float32 on cpu; {impl.name} is faster from {threshold} logits")
+        reasons.append(blocker)
+    return Choice("portable", "; ".join(reasons) or "no other implementation")
+
+
+def _shape(x):
+    return "x".join("?" if d is None else str(d) for d in x.shape)
+
+
+def run(choice, op, logits, labels, options):
+    """Compute ``op`` with the chosen kernel implementation; returns the per-example loss (leading shape)."""
+    from . import _kernel_ops
+
+    num_classes = int(logits.shape[-1])
+    pair = _kernel_ops.BUILDERS[op](num_classes, options)
+    leading = keras.ops.shape(logits)[:-1]
+    z = keras.ops.reshape(logits, (-1, num_classes))
+    if pair.label_dtype == "int32":
+        y = keras.ops.reshape(keras.ops.cast(labels, "int32"), (-1,))
+    else:
+        y = keras.ops.reshape(keras.ops.cast(labels, "float32"), (-1, num_classes))
+    loss = _bridge().run(pair, z, y)
+    return keras.ops.reshape(loss, leading)
+
+
+_BRIDGE = []
+
+
+def _bridge():
+    if not _BRIDGE:
+        if _backend.BACKEND == "torch":
+            from .bridges import torch_bridge as bridge
+        elif _backend.BACKEND == "tensorflow":
+            from .bridges import tf_bridge as bridge
+        else:
+            from .bridges import jax_bridge as bridge
+        _BRIDGE.append(bridge)
+    return _BRIDGE[0]
+
+
+def explain(loss, y_true, y_pred):
+    """Which implementation ``loss`` (a Loss object) would use on these inputs, and why.
+
+    Example:
+        >>> choice = keras_stable_heads.explain(StableSparseSoftmaxCE(), labels, logits)
+        >>> print(choice)   # numba_cpu: 4096x32000 float32 on cpu; numba_cpu is faster from 4096 logits
+    """
+    from .numerics import upcast
+
+    op = getattr(loss, "_kernel_op", None)
+    if op is None:
+        return Choice("portable", f"{type(loss).__name__} has only the portable implementation")
+    x = upcast(y_pred)
+    axis = getattr(loss, "axis", -1)
+    if axis not in (-1, len(x.shape) - 1):
+        x = keras.ops.moveaxis(x, axis, -1)
+    return choose(op, x, getattr(loss, "implementation", None))

@@ -1,0 +1,164 @@
+"""The dispatch registry and the Numba CPU path through each backend's bridge.
+
+The Numba path must equal the portable keras.ops path (values and gradients) on every backend, inside
+model.fit with a ragged last batch; the dispatch rules (forced, automatic, fallback) each have a test."""
+
+import keras
+import numpy as np
+import pytest
+import reference as ref
+from conftest import value_and_grad
+
+import keras_stable_heads as ksh
+from keras_stable_heads import dispatch
+from keras_stable_heads import ops
+
+BACKEND = keras.backend.backend()
+
+KERNEL_OPS = [
+    ("sparse", ops.softmax_cross_entropy_with_integer_labels,
+     [{}, {"ignore_class": -1}, {"label_smoothing": 0.1, "class_weight": "w", "z_loss": 1e-3, "logit_softcap": 5.0}]),
+    ("dense", ops.softmax_cross_entropy,
+     [{}, {"label_smoothing": 0.1, "class_weight": "w", "z_loss": 1e-3, "logit_softcap": 5.0}]),
+    ("binary", ops.sigmoid_binary_cross_entropy, [{}, {"pos_weight": 2.0, "label_smoothing": 0.1}]),
+    ("multilabel", ops.sigmoid_multilabel_cross_entropy,
+     [{"missing_label": -1.0}, {"missing_label": -1.0, "pos_weight": "w", "label_reduction": "sum"}]),
+]
+
+
+def _inputs(kind, shape, seed=0, extreme=False):
+    rng = np.random.default_rng(seed)
+    z = rng.normal(0, 3, shape).astype(np.float32)
+    if extreme:
+        z.reshape(-1, shape[-1])[0, :2] = [1e4, -1e4]
+        z.reshape(-1, shape[-1])[1, :2] = [1e30, -1e30]
+        if kind in ("sparse", "dense"):
+            z.reshape(-1, shape[-1])[2, 1:3] = -np.inf
+    lead = shape[:-1]
+    if kind == "sparse":
+        y = rng.integers(0, shape[-1], lead)
+        y.reshape(-1)[2] = 0
+        y.reshape(-1)[3] = -1
+        return z, y
+    if kind == "dense":
+        y = np.eye(shape[-1], dtype=np.float32)[rng.integers(0, shape[-1], lead)]
+        y.reshape(-1, shape[-1])[2] = np.eye(shape[-1])[0]
+        return z, y
+    y = rng.integers(0, 2, shape).astype(np.float32)
+    if kind == "multilabel":
+        y[rng.random(shape) < 0.2] = -1.0
+    return z, y
+
+
+def _resolve(options, width):
+    return {k: (list(np.linspace(0.5, 2.0, width)) if v == "w" else v) for k, v in options.items()}
+
+
+@pytest.mark.parametrize("shape", [(37, 7), (5, 1001), (4, 6, 33), (65536, 10)], ids=str)
+@pytest.mark.parametrize("kind,fn,option_sets", KERNEL_OPS, ids=[k[0] for k in KERNEL_OPS])
+def test_numba_path_equals_portable_path(kind, fn, option_sets, shape):
+    z, y = _inputs(kind, shape, extreme=len(shape) == 2 and shape[0] > 8)
+    for options in option_sets:
+        options = _resolve(options, shape[-1])
+        if kind == "sparse" and "ignore_class" not in options:
+            y = np.where(y < 0, 1, y)
+        results = [value_and_grad(lambda x: fn(x, y, implementation=impl, **options), z)
+                   for impl in ("portable", "numba_cpu")]
+        (v0, g0), (v1, g1) = results
+        np.testing.assert_allclose(v1, v0, rtol=2e-6, atol=1e-6, err_msg=str(options))
+        np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6, err_msg=str(options))
+
+
+def test_numba_path_matches_reference_and_keeps_nan():
+    z, y = _inputs("sparse", (64, 20), seed=3)
+    y = np.where(y < 0, 1, y)
+    z[5, 3] = np.nan
+    loss = np.asarray(keras.ops.convert_to_numpy(
+        ops.softmax_cross_entropy_with_integer_labels(z, y, implementation="numba_cpu")), np.float64)
+    want = ref.sparse_softmax_ce(z, y)
+    assert np.isnan(loss[5])
+    keep = np.arange(64) != 5
+    np.testing.assert_allclose(loss[keep], want[keep], rtol=2e-6)
+
+
+def test_forced_implementation_that_cannot_run_raises():
+    z = np.zeros((4, 3))  # float64: the kernels are float32 only
+    with keras_stable_heads_float64():
+        with pytest.raises(ValueError, match="float32 only"):
+            ops.softmax_cross_entropy_with_integer_labels(z, np.zeros(4, "int32"), implementation="numba_cpu")
+        choice = dispatch.choose("sparse_softmax_ce", keras.ops.convert_to_tensor(z))
+        assert choice.implementation == "portable" and "float32 only" in choice.reason
+
+
+def keras_stable_heads_float64():
+    from keras_stable_heads import _backend
+
+    return _backend.float64_scope()
+
+
+def test_auto_choice_uses_the_measured_threshold():
+    small = keras.ops.convert_to_tensor(np.zeros((2, 3), np.float32))
+    large = keras.ops.convert_to_tensor(np.zeros((1024, 1024), np.float32))
+    assert dispatch.choose("sparse_softmax_ce", small).implementation == "portable"
+    assert "threshold" in dispatch.choose("sparse_softmax_ce", small).reason
+    assert dispatch.choose("sparse_softmax_ce", large).implementation == "numba_cpu"
+    assert dispatch.choose("softmax_focal_ce", large).implementation == "portable"
+
+
+def test_environment_variable_and_keyword(monkeypatch):
+    large = keras.ops.convert_to_tensor(np.zeros((1024, 1024), np.float32))
+    monkeypatch.setenv(dispatch.ENV_VAR, "portable")
+    assert dispatch.choose("sparse_softmax_ce", large).implementation == "portable"
+    assert dispatch.choose("sparse_softmax_ce", large, "numba").implementation == "numba_cpu"  # keyword wins
+    monkeypatch.setenv(dispatch.ENV_VAR, "fastest")
+    with pytest.raises(ValueError, match=dispatch.ENV_VAR):
+        dispatch.choose("sparse_softmax_ce", large)
+    with pytest.raises(ValueError, match="implementation"):
+        ksh.StableSparseSoftmaxCE(implementation="gpu")
+
+
+def test_explain_names_the_choice_and_reason():
+    y = np.zeros(1024, "int32")
+    z = np.zeros((1024, 1024), np.float32)
+    choice = ksh.explain(ksh.StableSparseSoftmaxCE(), y, z)
+    assert choice.implementation == "numba_cpu" and "1024x1024" in str(choice)
+    assert ksh.explain(ksh.StableSparseSoftmaxCE(implementation="portable"), y, z).implementation == "portable"
+    assert "only the portable" in ksh.explain(ksh.GaussianNLL(), z[:, :1], z[:, :2]).reason
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_with_numba_path_equals_portable_path(jit_compile):
+    """A ragged last batch (unknown batch size); under XLA/torch.compile the auto choice falls back."""
+    if jit_compile and BACKEND == "torch":
+        pytest.skip("torch.compile is covered by test_training.py; here it would only re-test the fallback")
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(300, 8)).astype("float32")
+    y = rng.integers(0, 64, 300)
+    histories = []
+    for impl in ("portable", "numba_cpu" if not jit_compile else "auto"):
+        keras.utils.set_random_seed(4)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(64)])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), jit_compile=jit_compile,
+                      loss=ksh.StableSparseSoftmaxCE(label_smoothing=0.1, implementation=impl))
+        histories.append(model.fit(x, y, epochs=3, batch_size=128, verbose=0, shuffle=False).history["loss"])
+    np.testing.assert_allclose(histories[1], histories[0], rtol=1e-5)
+
+
+def test_tensorflow_xla_context_falls_back():
+    if BACKEND != "tensorflow":
+        pytest.skip("XLA context detection is TensorFlow's")
+    import tensorflow as tf
+
+    seen = []
+
+    @tf.function(jit_compile=True)
+    def step(z):
+        seen.append(dispatch.choose("sparse_softmax_ce", z))
+        return ops.softmax_cross_entropy_with_integer_labels(z, tf.zeros([4096], tf.int32))
+
+    step(tf.zeros([4096, 64]))
+    assert seen[0].implementation == "portable" and "XLA" in seen[0].reason
+    with pytest.raises(ValueError, match="XLA"):
+        tf.function(jit_compile=True)(
+            lambda z: ops.softmax_cross_entropy_with_integer_labels(z, tf.zeros([8], tf.int32), implementation="numba"))(
+            tf.zeros([8, 4]))
