@@ -1,6 +1,6 @@
 """Quick timing of the Numba CPU kernels (a probe, not a test): min over repetitions after a warm-up.
 
-    python benchmarks/kernels_cpu_probe.py [--reps 20] [--shapes 8192x1000,4096x32000,65536x10]
+    python benchmarks/kernels_cpu_probe.py [--reps 20] [--shapes 8192x1000,4096x32000,65536x10] [--threads N]
 
 Loads ``kernels/`` straight from this checkout (no Keras import). Prints, per shape, forward, backward and
 forward+backward of sparse softmax CE in ms, and the effective bandwidth of forward+backward counting
@@ -68,10 +68,15 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--shapes", default="8192x1000,4096x32000,65536x10")
-    parser.add_argument("--options", default="plain", help="comma list of: plain, all (eps=0.1, z_loss=1e-4, softcap=30)")
+    parser.add_argument("--options", default="plain",
+                        help="comma list of: plain, all (eps=0.1, z_loss=1e-4, softcap=30)")
+    parser.add_argument("--threads", type=int, default=0, help="Numba threads (default: all)")
     args = parser.parse_args()
     kernels = load_kernels()
     import numba
+
+    if args.threads:
+        numba.set_num_threads(args.threads)
 
     rng = np.random.default_rng(0)
     print(f"numba {numba.__version__}, threads {numba.get_num_threads()}, reps {args.reps} (min)")

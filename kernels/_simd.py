@@ -13,6 +13,7 @@ it inlines into a loop and becomes SIMD code.
   ``exp(r)`` by a degree-5 polynomial, times ``2^n`` built from its bits (in two halves, so that results in
   the denormal range and ``n = 128`` are exact). Explicit branches: ``x > EXP_HI -> +inf``, ``x < EXP_LO -> 0``,
   NaN -> NaN. About 1 ulp.
+- ``log_f32``: Cephes ``logf`` (mantissa in [sqrt(1/2), sqrt(2)), degree-8 polynomial), without a library call.
 - ``log1p_exp_neg_abs``: ``log(1 + exp(-|x|))``, the soft part of softplus: Cephes ``logf`` polynomial on the
   mantissa of ``v = 1 + u``, plus the rounding error of ``1 + u`` divided by ``v`` (Goldberg).
 - ``tanh_f32``: Cephes ``tanhf``.
@@ -77,6 +78,18 @@ def select_f32(typingctx, cond, a, b):
 
 
 @intrinsic
+def f32_to_bits(typingctx, x):
+    """Reinterpret the bits of a float32 as an int32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.int32(types.float32), codegen
+
+
+@intrinsic
 def bits_to_f32(typingctx, i):
     """Reinterpret the low 32 bits of an integer as a float32 (Numba widens int32 arithmetic to int64)."""
     if not isinstance(i, types.Integer):
@@ -89,6 +102,25 @@ def bits_to_f32(typingctx, i):
         return builder.bitcast(v, _F32)
 
     return types.float32(i), codegen
+
+
+def stack_scratch_f32(size):
+    """An intrinsic ``scratch()`` returning a pointer to ``size`` float32 on the stack of the calling function.
+
+    The ``alloca`` is placed in the entry block of the function being compiled (for a ``prange`` body, the
+    per-thread worker), so each thread has its own buffer and nothing is allocated on the heap. It lives until
+    that function returns; wrap it with ``numba.carray``. LLVM knows it aliases no argument array, which lets
+    loops over it vectorize without runtime alias checks.
+    """
+
+    @intrinsic
+    def scratch(typingctx):
+        def codegen(context, builder, signature, args):
+            return cgutils.alloca_once(builder, _F32, size=size)
+
+        return types.CPointer(types.float32)(), codegen
+
+    return scratch
 
 
 _f32 = np.float32
@@ -195,8 +227,44 @@ def _log_mantissa_poly(f):
     return f + (q * f * z - HALF * z)
 
 
+_MANT_MASK = _i32(0x007FFFFF)
+_HALF_BITS = _i32(0x3F000000)
+_BIAS_M1 = _i32(126)
+_SQRTHF = _f32(0.707106781186547524)
+
+
+@njit(inline="always", fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def log_f32(x):
+    """log of a float32 (Cephes logf, ~1 ulp) without a library call: vectorizable; 0 -> -inf, +inf -> +inf,
+    NaN and x < 0 -> NaN. Denormal inputs are not handled (they give a finite, wrong value): callers pass sums
+    of exponentials that are >= 1 or exactly 0."""
+    bits = f32_to_bits(x)
+    # x = m * 2^e with m in [0.5, 1), then folded into [sqrt(1/2), sqrt(2)).
+    e = (bits >> _MANT_BITS) - _BIAS_M1
+    m = bits_to_f32((bits & _MANT_MASK) | _HALF_BITS)
+    low = m < _SQRTHF
+    fe = _f32(e) - select_f32(low, ONE, ZERO)
+    f = select_f32(low, m + m, m) - ONE
+    y = _log_mantissa_poly(f) + fe * _LN2_LO + fe * _LN2_HI
+    y = select_f32(x == ZERO, NEG_INF, y)
+    y = select_f32(x == INF, INF, y)
+    return select_f32(x < ZERO, NAN, select_f32(x != x, x, y))
+
+
 _SQRT2 = _f32(1.41421356237309505)
 _LN2 = _f32(0.693147180559945309)
+
+
+@njit(fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def sub_exact(a, b):
+    """a - b as an instruction without ``reassoc``, so that LLVM cannot fold it into its neighbours."""
+    return a - b
+
+
+@njit(fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def add_exact(a, b):
+    """a + b without ``reassoc``: ``(m - z) + d`` must not become ``(m + d) - z`` (which loses d when |m| >> d)."""
+    return a + b
 
 
 @njit(fastmath=ELEMENTARY_FASTMATH, error_model="numpy")

@@ -16,17 +16,36 @@ Numerics: ``lse = m + log(sum_c exp(z'_c - m))`` with ``m`` the row max (``m = 0
 maps an all ``-inf`` row to ``-inf`` and a ``+inf`` logit to ``+inf``, as the float64 reference does), and
 ``lse - z'_c`` is computed as ``(m - z'_c) + log(sum)``, which has no cancellation when ``z'_c`` is the max.
 Sums are float32 in vector lanes (``reassoc``), as accurate as float64 accumulation at these sizes.
+``(m - z') + log(sum)`` uses ``sub_exact``/``add_exact`` so that ``reassoc`` cannot turn it into
+``(m + log(sum)) - z'``. The backward takes ``p = exp(z' - lse)`` from the saved float32 lse, except for rows with
+``|lse| > LSE_RECOMPUTE_ABOVE``, where the rounding of lse would show in p (at 1e30, lse = 1e30 + log 2 is 1e30):
+there it recomputes the row's max and sum and uses ``p = exp(z' - m) / sum``.
 
-Layouts: for ``C > SMALL_C_MAX`` one thread works on one row at a time and vectorizes along the row. For small
-C a row is shorter than a vector, so ``ROW_BLOCK`` rows are processed together and the loops run down a column
-of the block (vectorized across rows); the forward uses ``lse_out``/``loss_out`` as the per-row accumulators.
+Layouts: for large C one thread works on one row at a time and vectorizes along the row. For small C
+(``SMALL_C_MAX`` forward, ``SMALL_C_MAX_BWD`` backward) a row is shorter than a vector, so blocks of
+``ROW_BLOCK`` rows are transposed into a per-thread stack buffer and processed across rows (see below).
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import carray, njit, prange
 
-from ._config import FASTMATH, ROW_BLOCK, SMALL_C_MAX
-from ._simd import INF, NAN, NEG_INF, ONE, TWO, ZERO, exp_nonpos_f32, maxnum_f32, tanh_f32
+from ._config import FASTMATH, LSE_RECOMPUTE_ABOVE, ROW_BLOCK, SMALL_C_MAX, SMALL_C_MAX_BWD
+from ._simd import (
+    INF,
+    NAN,
+    NEG_INF,
+    ONE,
+    TWO,
+    ZERO,
+    exp_nonpos_f32,
+    log_f32,
+    maxnum_f32,
+    select_f32,
+    stack_scratch_f32,
+    add_exact,
+    sub_exact,
+    tanh_f32,
+)
 
 _f32 = np.float32
 
@@ -126,25 +145,12 @@ def _row_sumexp_gap_cap(x, i, shift, w, cap, inv_cap):
 
 
 @njit(**_inline)
-def _row_gap(x, i, shift, w, cap, inv_cap):
-    """sum_j w_j (shift - z'_j) (used by the small-C layout, where C <= SMALL_C_MAX)."""
-    g = ZERO
-    if cap > ZERO:
-        for j in range(x.shape[1]):
-            g += w[j] * (shift - _softcap(x[i, j], cap, inv_cap))
-    else:
-        for j in range(x.shape[1]):
-            g += w[j] * (shift - x[i, j])
-    return g
-
-
-@njit(**_inline)
 def _sparse_loss(shift, s, gap, zy, wy, wsum, one_m_eps, eps_c, z_loss, has_eps):
     """Loss and lse of one sparse row from its reductions; s == 0 means an all -inf row."""
     d = np.log(s)
     lse = shift + d
     # (1 - eps) w_y (lse - z'_y) + eps/C sum_c w_c (lse - z'_c), with lse - z' = (shift - z') + d.
-    loss = one_m_eps * wy * ((shift - zy) + d)
+    loss = one_m_eps * wy * add_exact(sub_exact(shift, zy), d)
     if has_eps:
         loss += eps_c * (gap + wsum * d)
     if z_loss != ZERO:
@@ -152,6 +158,65 @@ def _sparse_loss(shift, s, gap, zy, wy, wsum, one_m_eps, eps_c, z_loss, has_eps)
     if s == ZERO:
         loss = INF
     return loss, lse
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Row-block layout (C <= SMALL_C_MAX)
+#
+# A row of 10 classes is shorter than a vector, and vectorizing down a column of the row-major logits needs
+# gathers, which AVX2 CPUs run no faster than scalar code (LLVM does not even try). So each thread copies a
+# block of ROW_BLOCK rows into a stack buffer, transposed (t[j, r] = logits[r0 + r, j], cheap scalar copies
+# within L1), runs every elementwise pass and per-row reduction across the ROW_BLOCK lanes, and (backward)
+# copies the gradient block back. Indices are unsigned so that Numba emits no negative-index wraparound,
+# which LLVM cannot vectorize through.
+# ---------------------------------------------------------------------------------------------------------------
+
+SCRATCH_ROWS = max(SMALL_C_MAX, SMALL_C_MAX_BWD) + 8  # the block kernels must only see C <= these
+_scratch = stack_scratch_f32(SCRATCH_ROWS * ROW_BLOCK)
+_u = np.uint64
+_U0 = np.uint64(0)
+_U1 = np.uint64(1)
+_U2 = np.uint64(2)
+_U3 = np.uint64(3)
+_U4 = np.uint64(4)
+_U5 = np.uint64(5)
+_U6 = np.uint64(6)
+_U7 = np.uint64(7)
+
+
+@njit(**_inline)
+def _transpose_in(x, r0, m, uc, t):
+    for r in range(m):
+        for j in range(uc):
+            t[j, r] = x[r0 + r, j]
+
+
+@njit(**_inline)
+def _block_exact_shift(t, m, uc, cap, inv_cap, has_cap):
+    """For rows of the block with |lse| > LSE_RECOMPUTE_ABOVE (row uc), recompute (max, 1 / sum exp(z' - max))
+    into rows uc and uc + 6 of the scratch (p = exp(z' - row uc) * row uc + 6); row uc + 7 is a temporary."""
+    acc = uc + _U7
+    for r in range(m):
+        acc_m = NEG_INF
+        for j in range(uc):
+            z = _softcap(t[j, r], cap, inv_cap) if has_cap else t[j, r]
+            acc_m = maxnum_f32(acc_m, z)
+        shift = _shift_of(acc_m)
+        s = ZERO
+        for j in range(uc):
+            z = _softcap(t[j, r], cap, inv_cap) if has_cap else t[j, r]
+            s += exp_nonpos_f32(z - shift)
+        t[acc, r] = shift
+        big = np.abs(t[uc, r]) > LSE_RECOMPUTE_ABOVE and t[uc, r] < INF
+        t[uc + _U6, r] = select_f32(big, ONE / s, ONE)
+        t[uc, r] = select_f32(big, shift, t[uc, r])
+
+
+@njit(**_inline)
+def _transpose_out(t, r0, m, uc, out):
+    for r in range(m):
+        for j in range(uc):
+            out[r0 + r, j] = t[j, r]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -207,47 +272,57 @@ def _sparse_fwd_blocks(logits, labels, loss_out, lse_out, w, eps, z_loss, cap, i
     eps_c = eps / _f32(c)
     has_eps = eps != ZERO
     has_cap = cap > ZERO
+    has_zl = z_loss != ZERO
     inv_cap = _inv(cap)
     nblocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
     for b in prange(nblocks):
+        # t[j, r]: the block transposed (rows of the block along the vector lanes); then 3 accumulator rows.
+        t = carray(_scratch(), (SCRATCH_ROWS, ROW_BLOCK))
         r0 = b * ROW_BLOCK
-        r1 = min(r0 + ROW_BLOCK, n)
-        # 1. Row max, down the columns of the block; lse_out[r] holds it.
-        for r in range(r0, r1):
-            lse_out[r] = NEG_INF
-        for j in range(c):
-            for r in range(r0, r1):
-                lse_out[r] = maxnum_f32(lse_out[r], logits[r, j])
-        # 2. The shift, into lse_out; loss_out[r] accumulates sum_j exp(z'_j - shift).
-        for r in range(r0, r1):
-            m = _softcap(lse_out[r], cap, inv_cap) if has_cap else lse_out[r]
-            lse_out[r] = _shift_of(m)
-            loss_out[r] = ZERO
+        m = _u(min(ROW_BLOCK, n - r0))
+        uc = _u(c)
+        _transpose_in(logits, r0, m, uc, t)
         if has_cap:
-            for j in range(c):
-                for r in range(r0, r1):
-                    loss_out[r] += exp_nonpos_f32(_softcap(logits[r, j], cap, inv_cap) - lse_out[r])
-        else:
-            for j in range(c):
-                for r in range(r0, r1):
-                    loss_out[r] += exp_nonpos_f32(logits[r, j] - lse_out[r])
-        # 3. Per row: loss and lse from the sums.
-        for r in range(r0, r1):
-            y = np.int64(labels[r])
-            shift = lse_out[r]
-            s = loss_out[r]
-            if has_ignore and y == ignore_class:
-                loss_out[r] = ZERO
-                lse_out[r] = ZERO
-            elif y < 0 or y >= c:
-                loss_out[r] = NAN
-                lse_out[r] = shift + np.log(s)
-            else:
-                gap = _row_gap(logits, r, shift, w, cap, inv_cap) if has_eps else ZERO
-                zy = _softcap(logits[r, y], cap, inv_cap) if has_cap else logits[r, y]
-                loss, lse = _sparse_loss(shift, s, gap, zy, w[y], wsum, one_m_eps, eps_c, z_loss, has_eps)
-                loss_out[r] = loss
-                lse_out[r] = lse
+            for j in range(uc):
+                for r in range(m):
+                    t[j, r] = _softcap(t[j, r], cap, inv_cap)
+        # 1. shift = row max (0 if not finite), 2. s = sum exp(z' - shift), 3. gap = sum w (shift - z').
+        for r in range(m):
+            t[uc, r] = NEG_INF
+            t[uc + _U1, r] = ZERO
+            t[uc + _U2, r] = ZERO
+        for j in range(uc):
+            for r in range(m):
+                t[uc, r] = maxnum_f32(t[uc, r], t[j, r])
+        for r in range(m):
+            t[uc, r] = _shift_of(t[uc, r])
+        for j in range(uc):
+            for r in range(m):
+                t[uc + _U1, r] += exp_nonpos_f32(t[j, r] - t[uc, r])
+        if has_eps:
+            for j in range(uc):
+                wj = w[j]
+                for r in range(m):
+                    t[uc + _U2, r] += wj * (t[uc, r] - t[j, r])
+        # 4. Per row, every case as a select.
+        for r in range(m):
+            y = np.int64(labels[r0 + r])
+            valid = (y >= 0) & (y < c)
+            yc = _u(y) if valid else _U0
+            shift = t[uc, r]
+            ssum = t[uc + _U1, r]
+            d = log_f32(ssum)
+            lse = shift + d
+            loss = one_m_eps * w[yc] * add_exact(sub_exact(shift, t[yc, r]), d)
+            if has_eps:
+                loss += eps_c * (t[uc + _U2, r] + wsum * d)
+            if has_zl:
+                loss += z_loss * lse * lse
+            loss = select_f32(ssum == ZERO, INF, loss)
+            loss = select_f32(valid, loss, NAN)
+            ignored = has_ignore & (y == ignore_class)
+            loss_out[r0 + r] = select_f32(ignored, ZERO, loss)
+            lse_out[r0 + r] = select_f32(ignored, ZERO, lse)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -256,36 +331,53 @@ def _sparse_fwd_blocks(logits, labels, loss_out, lse_out, w, eps, z_loss, cap, i
 
 
 @njit(**_inline)
-def _row_grad(x, out, i, lse, k):
-    # grad_j = p_j K
-    for j in range(x.shape[1]):
-        out[i, j] = exp_nonpos_f32(x[i, j] - lse) * k
+def _exact_shift(x, i, lse, cap, inv_cap, has_cap):
+    """(sh, scale) with p = exp(z' - sh) * scale: (lse, 1), or for |lse| > LSE_RECOMPUTE_ABOVE the row's
+    (max, 1 / sum exp(z' - max)) recomputed."""
+    if not (np.abs(lse) > LSE_RECOMPUTE_ABOVE and lse < INF):
+        return lse, ONE
+    m = _row_max(x, i)
+    if has_cap:
+        shift = _shift_of(_softcap(m, cap, inv_cap))
+        s = _row_sumexp_cap(x, i, shift, cap, inv_cap)
+    else:
+        shift = _shift_of(m)
+        s = _row_sumexp(x, i, shift)
+    return shift, ONE / s
 
 
 @njit(**_inline)
-def _row_grad_eps(x, out, i, lse, k, a, w):
+def _row_grad(x, out, i, sh, k):
+    # grad_j = p_j K, p_j = exp(z_j - sh) * scale (sh = lse, scale = 1 unless recomputed: see _exact_shift);
+    # the caller folds scale into k (and a is not scaled: it multiplies w, not p)
+    for j in range(x.shape[1]):
+        out[i, j] = exp_nonpos_f32(x[i, j] - sh) * k
+
+
+@njit(**_inline)
+def _row_grad_eps(x, out, i, sh, k, a, w):
     # grad_j = p_j K - a w_j, a = dloss eps / C
     for j in range(x.shape[1]):
-        out[i, j] = exp_nonpos_f32(x[i, j] - lse) * k - a * w[j]
+        out[i, j] = exp_nonpos_f32(x[i, j] - sh) * k - a * w[j]
 
 
 @njit(**_inline)
-def _row_grad_cap(x, out, i, lse, k, cap, inv_cap):
+def _row_grad_cap(x, out, i, sh, k, cap, inv_cap):
     # grad_j = softcap'(z_j) p_j K, softcap' = 1 - tanh^2 (0 at -inf, so a masked class gets exactly 0)
     for j in range(x.shape[1]):
         z = x[i, j]
         t = tanh_f32(z * inv_cap)
         zc = NEG_INF if z == NEG_INF else cap * t
-        out[i, j] = (ONE - t * t) * (exp_nonpos_f32(zc - lse) * k)
+        out[i, j] = (ONE - t * t) * (exp_nonpos_f32(zc - sh) * k)
 
 
 @njit(**_inline)
-def _row_grad_eps_cap(x, out, i, lse, k, a, w, cap, inv_cap):
+def _row_grad_eps_cap(x, out, i, sh, k, a, w, cap, inv_cap):
     for j in range(x.shape[1]):
         z = x[i, j]
         t = tanh_f32(z * inv_cap)
         zc = NEG_INF if z == NEG_INF else cap * t
-        out[i, j] = (ONE - t * t) * (exp_nonpos_f32(zc - lse) * k - a * w[j])
+        out[i, j] = (ONE - t * t) * (exp_nonpos_f32(zc - sh) * k - a * w[j])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -314,16 +406,17 @@ def _sparse_bwd_rows(logits, labels, lse, dloss, grad_out, w, eps, z_loss, cap, 
         kw = big_w + TWO * z_loss * li if z_loss != ZERO else big_w
         k = g * kw
         a = g * eps_c
+        sh, scale = _exact_shift(logits, i, li, cap, inv_cap, has_cap)
         if has_cap:
             if has_eps:
-                _row_grad_eps_cap(logits, grad_out, i, li, k, a, w, cap, inv_cap)
+                _row_grad_eps_cap(logits, grad_out, i, sh, k * scale, a, w, cap, inv_cap)
             else:
-                _row_grad_cap(logits, grad_out, i, li, k, cap, inv_cap)
+                _row_grad_cap(logits, grad_out, i, sh, k * scale, cap, inv_cap)
         else:
             if has_eps:
-                _row_grad_eps(logits, grad_out, i, li, k, a, w)
+                _row_grad_eps(logits, grad_out, i, sh, k * scale, a, w)
             else:
-                _row_grad(logits, grad_out, i, li, k)
+                _row_grad(logits, grad_out, i, sh, k * scale)
         # The label's own term, - dloss softcap'(z_y) w_y ybar_y, written over the vector result.
         zy = logits[i, y]
         slope = ONE
@@ -331,7 +424,7 @@ def _sparse_bwd_rows(logits, labels, lse, dloss, grad_out, w, eps, z_loss, cap, 
             t = tanh_f32(zy * inv_cap)
             slope = ONE - t * t
             zy = _softcap(zy, cap, inv_cap)
-        grad_out[i, y] = g * slope * (exp_nonpos_f32(zy - li) * kw - w[y] * (one_m_eps + eps_c))
+        grad_out[i, y] = g * slope * (exp_nonpos_f32(zy - sh) * (kw * scale) - w[y] * (one_m_eps + eps_c))
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -346,32 +439,61 @@ def _sparse_bwd_blocks(logits, labels, lse, dloss, grad_out, w, eps, z_loss, cap
     two_zl = TWO * z_loss
     nblocks = (n + ROW_BLOCK - 1) // ROW_BLOCK
     for b in prange(nblocks):
+        t = carray(_scratch(), (SCRATCH_ROWS, ROW_BLOCK))
         r0 = b * ROW_BLOCK
-        r1 = min(r0 + ROW_BLOCK, n)
-        # Down each column of the block, every per-row case as a select, so that the loop vectorizes.
-        for j in range(c):
-            wj = w[j]
-            for r in range(r0, r1):
-                y = np.int64(labels[r])
-                li = lse[r]
-                g = dloss[r]
-                valid = (y >= 0) & (y < c)
-                wy = w[y if valid else 0]
-                big_w = one_m_eps * wy + eps_c * wsum
-                kw = big_w + two_zl * li if has_zl else big_w
-                ybar = one_m_eps + eps_c if y == j else eps_c
-                z = logits[r, j]
-                if has_cap:
-                    t = tanh_f32(z * inv_cap)
-                    zc = NEG_INF if z == NEG_INF else cap * t
-                    v = g * (ONE - t * t) * (exp_nonpos_f32(zc - li) * kw - wj * ybar)
-                else:
-                    v = g * (exp_nonpos_f32(z - li) * kw - wj * ybar)
-                v = ZERO if li == NEG_INF else v
-                v = v if valid else NAN
-                if has_ignore:
-                    v = ZERO if y == ignore_class else v
-                grad_out[r, j] = v
+        m = _u(min(ROW_BLOCK, n - r0))
+        uc = _u(c)
+        _transpose_in(logits, r0, m, uc, t)
+        # Per-row scalars in rows uc.. of the scratch: lse, dloss, dloss * (W + 2 z_loss lse), label (as a
+        # float: exact, C <= SMALL_C_MAX), and the value that overrides the row (NaN: bad label; 0: ignored or
+        # all -inf) with its flag.
+        for r in range(m):
+            y = np.int64(labels[r0 + r])
+            valid = (y >= 0) & (y < c)
+            li = lse[r0 + r]
+            g = dloss[r0 + r]
+            big_w = one_m_eps * w[_u(y) if valid else _U0] + eps_c * wsum
+            kw = big_w + two_zl * li if has_zl else big_w
+            ignored = has_ignore & (y == ignore_class)
+            t[uc, r] = li
+            t[uc + _U1, r] = g
+            t[uc + _U2, r] = g * kw
+            t[uc + _U3, r] = _f32(y) if valid else _f32(-1.0)
+            t[uc + _U4, r] = select_f32(valid, ZERO, NAN)
+            t[uc + _U4, r] = select_f32(ignored | (li == NEG_INF), ZERO, t[uc + _U4, r])
+            t[uc + _U5, r] = select_f32(ignored | (li == NEG_INF) | (not valid), ONE, ZERO)
+            t[uc + _U6, r] = ONE
+        # Rows with a large |lse|: p = exp(z' - max) / sum, recomputed (see LSE_RECOMPUTE_ABOVE); row uc then
+        # holds the shift and row uc + 6 the factor 1 / sum (1 for the other rows).
+        recompute = False
+        for r in range(m):
+            recompute |= np.abs(t[uc, r]) > LSE_RECOMPUTE_ABOVE
+        if recompute:
+            _block_exact_shift(t, m, uc, cap, inv_cap, has_cap)
+        # grad = dloss softcap'(z) (p (W + 2 z_loss lse) - w_j ybar_j), in place in the scratch
+        # (the softcap test is hoisted: a branch inside the loop would be if-converted and tanh always paid).
+        if has_cap:
+            for j in range(uc):
+                wj = w[j]
+                fj = _f32(j)
+                for r in range(m):
+                    z = t[j, r]
+                    wybar = wj * select_f32(t[uc + _U3, r] == fj, one_m_eps + eps_c, eps_c)
+                    th = tanh_f32(z * inv_cap)
+                    zc = select_f32(z == NEG_INF, NEG_INF, cap * th)
+                    p = exp_nonpos_f32(zc - t[uc, r]) * t[uc + _U6, r]
+                    v = (ONE - th * th) * (p * t[uc + _U2, r] - t[uc + _U1, r] * wybar)
+                    t[j, r] = select_f32(t[uc + _U5, r] != ZERO, t[uc + _U4, r], v)
+        else:
+            for j in range(uc):
+                wj = w[j]
+                fj = _f32(j)
+                for r in range(m):
+                    wybar = wj * select_f32(t[uc + _U3, r] == fj, one_m_eps + eps_c, eps_c)
+                    p = exp_nonpos_f32(t[j, r] - t[uc, r]) * t[uc + _U6, r]
+                    v = p * t[uc + _U2, r] - t[uc + _U1, r] * wybar
+                    t[j, r] = select_f32(t[uc + _U5, r] != ZERO, t[uc + _U4, r], v)
+        _transpose_out(t, r0, m, uc, grad_out)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -446,17 +568,19 @@ def _dense_bwd_rows(logits, labels, lse, dloss, grad_out, w, eps, z_loss, cap):
             big_w += w[j] * (one_m_eps * labels[i, j] + eps_c)
         kw = big_w + TWO * z_loss * li if z_loss != ZERO else big_w
         k = g * kw
+        sh, scale = _exact_shift(logits, i, li, cap, inv_cap, has_cap)
+        k = k * scale
         if has_cap:
             for j in range(c):
                 z = logits[i, j]
                 t = tanh_f32(z * inv_cap)
                 zc = NEG_INF if z == NEG_INF else cap * t
                 wy = w[j] * (one_m_eps * labels[i, j] + eps_c)
-                grad_out[i, j] = (ONE - t * t) * (exp_nonpos_f32(zc - li) * k - g * wy)
+                grad_out[i, j] = (ONE - t * t) * (exp_nonpos_f32(zc - sh) * k - g * wy)
         else:
             for j in range(c):
                 wy = w[j] * (one_m_eps * labels[i, j] + eps_c)
-                grad_out[i, j] = exp_nonpos_f32(logits[i, j] - li) * k - g * wy
+                grad_out[i, j] = exp_nonpos_f32(logits[i, j] - sh) * k - g * wy
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,7 +603,7 @@ def softmax_ce_sparse_fwd(logits, labels, loss_out, lse_out, class_weight, label
 def softmax_ce_sparse_bwd(logits, labels, lse, dloss, grad_out, class_weight, label_smoothing, z_loss, softcap,
                           ignore_class, has_ignore):
     """Sparse softmax CE backward: writes grad_out[N, C] = dloss[:, None] * d loss / d logits."""
-    kernel = _sparse_bwd_blocks if logits.shape[1] <= SMALL_C_MAX else _sparse_bwd_rows
+    kernel = _sparse_bwd_blocks if logits.shape[1] <= SMALL_C_MAX_BWD else _sparse_bwd_rows
     kernel(logits, labels, lse, dloss, grad_out, class_weight, _f32(label_smoothing), _f32(z_loss), _f32(softcap),
            int(ignore_class), bool(has_ignore))
 

@@ -33,8 +33,9 @@ def log_softmax(z):
     m = np.max(z, axis=-1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        lse = m + np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
-        return z - lse, lse[..., 0]
+        log_sum = np.log(np.sum(np.exp(z - m), axis=-1, keepdims=True))
+        # (z - m) - log_sum, not z - (m + log_sum): at z = 1e30 even float64 would round m + log 2 to m.
+        return (z - m) - log_sum, (m + log_sum)[..., 0]
 
 
 def _xlogy_terms(weights, logp):
