@@ -6,6 +6,9 @@ Implementations (in order of preference for the automatic choice):
   backend, through one bridge per backend (``bridges/``). Not inside an XLA-compiled TensorFlow function (no XLA
   kernel exists for a Python op), not inside ``torch.compile``, and not under a Keras or ``tf.distribute``
   distribution (a host kernel cannot be sharded).
+- ``numba_cuda``: the Numba CUDA kernels, for float32 (and upcast float16/bfloat16) GPU tensors of the torch
+  and JAX backends, launched on the framework's own stream with zero-copy views. TensorFlow on GPU uses the
+  portable XLA path (TensorFlow has no CUDA array interface).
 - ``portable``: the ``keras.ops`` code in :mod:`keras_stable_heads.ops`: every backend, device, dtype and
   context, compiled by XLA where the backend uses it.
 
@@ -23,13 +26,18 @@ import keras
 from . import _backend
 
 ENV_VAR = "KERAS_STABLE_HEADS_IMPLEMENTATION"
-CHOICES = ("auto", "portable", "numba_cpu")
+CHOICES = ("auto", "portable", "numba_cpu", "numba_cuda")
 
 # The automatic choice uses the Numba path from this many logits up (N * C), per backend. Measured with
 # benchmarks/dispatch_threshold.py on the 2-core CPU machine (see README, "Numba CPU kernels"): below these
 # sizes the fixed cost of leaving the framework (about 0.02 ms JAX, 0.08 ms torch, 0.3 ms TensorFlow)
 # outweighs the faster kernel.
 NUMBA_MIN_ELEMENTS = {"jax": 1 << 16, "torch": 1 << 12, "tensorflow": 1 << 16}
+# The same for the CUDA kernels on a GPU, measured with benchmarks/gpu_cuda_check.py on an H200
+# (benchmarks/results/gpu_records_h200.jsonl). torch: the kernels beat the portable path at every size measured
+# (512x10: 1.25 vs 1.89 ms; 16384x131072: 9.9 vs 103 ms), so always. JAX: XLA's fusion of the portable path
+# beats them at every size (16384x131072: 8.2 vs 10.5 ms), so "auto" never picks them there (None).
+NUMBA_CUDA_MIN_ELEMENTS = {"torch": 0, "jax": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +98,10 @@ def _jax_context():
         if isinstance(x, jax.core.Tracer):
             device = jax.default_backend()
         else:
-            device = next(iter(x.devices())).platform
+            devices = x.devices()
+            if len(devices) > 1:
+                return "gpu", "the array is sharded over several devices, where a host or single-GPU kernel cannot run"
+            device = next(iter(devices)).platform
         device = "cpu" if device == "cpu" else "gpu"
         if keras.distribution.distribution() is not None:
             return device, "under a keras.distribution layout, where a host kernel cannot be sharded"
@@ -157,15 +168,32 @@ class Implementation:
 _IMPORT_ERRORS = {}
 
 
+def _cuda_missing():
+    from numba import cuda
+
+    from .kernels import cuda_sigmoid_ce  # noqa: F401
+    from .kernels import cuda_softmax_ce
+
+    if cuda_softmax_ce.SIMULATED:
+        return "Numba's CUDA simulator is enabled (NUMBA_ENABLE_CUDASIM)"
+    if not cuda.is_available():
+        return "no CUDA driver or GPU is visible to Numba"
+    return None
+
+
+def _cpu_missing():
+    from . import kernels  # noqa: F401
+
+    return None
+
+
 def _import_error(name):
-    """Import the kernels once; remember why they could not be imported."""
+    """Import an implementation's kernels once; remember why they could not be used."""
     if name not in _IMPORT_ERRORS:
         try:
-            from . import kernels  # noqa: F401
-
-            _IMPORT_ERRORS[name] = None
+            _IMPORT_ERRORS[name] = {"numba_cpu": _cpu_missing, "numba_cuda": _cuda_missing}[name]()
         except Exception as error:  # a broken numba install must not break the portable path
-            _IMPORT_ERRORS[name] = f"the Numba kernels could not be imported ({type(error).__name__}: {error})"
+            _IMPORT_ERRORS[name] = f"the {name} kernels could not be imported ({type(error).__name__}: {error})"
     return _IMPORT_ERRORS[name]
 
 
@@ -176,6 +204,13 @@ REGISTRY = {
         backends=frozenset({"tensorflow", "jax", "torch"}),
         devices=frozenset({"cpu"}),
         min_elements=NUMBA_MIN_ELEMENTS,
+    ),
+    "numba_cuda": Implementation(
+        name="numba_cuda",
+        ops=frozenset({"sparse_softmax_ce", "softmax_ce", "sigmoid_ce"}),
+        backends=frozenset({"jax", "torch"}),
+        devices=frozenset({"gpu"}),
+        min_elements=NUMBA_CUDA_MIN_ELEMENTS,
     ),
 }
 
@@ -205,10 +240,13 @@ def choose(op, x, implementation=None):
         blocker = impl.blocker(op, x)
         if blocker is None:
             size, threshold = _elements(x), impl.min_elements.get(_backend.BACKEND, 0)
-            if size is not None and size < threshold:
+            if threshold is None:
+                blocker = f"{impl.name} was measured slower than the portable path on {_backend.BACKEND}"
+            elif size is not None and size < threshold:
                 blocker = f"{size} logits is below the measured threshold of {threshold} for {impl.name}"
             else:
-                return Choice(impl.name, f"{_shape(x)} float32 on cpu; {impl.name} is faster from {threshold} logits")
+                device = next(iter(impl.devices))
+                return Choice(impl.name, f"{_shape(x)} float32 on {device}; {impl.name} is faster from {threshold} logits")
         reasons.append(blocker)
     return Choice("portable", "; ".join(reasons) or "no other implementation")
 
@@ -222,30 +260,31 @@ def run(choice, op, logits, labels, options):
     from . import _kernel_ops
 
     num_classes = int(logits.shape[-1])
-    pair = _kernel_ops.BUILDERS[op](num_classes, options)
+    cuda = choice.implementation == "numba_cuda"
+    pair = (_kernel_ops.cuda_pair if cuda else _kernel_ops.cpu_pair)(op, num_classes, options)
     leading = keras.ops.shape(logits)[:-1]
     z = keras.ops.reshape(logits, (-1, num_classes))
     if pair.label_dtype == "int32":
         y = keras.ops.reshape(keras.ops.cast(labels, "int32"), (-1,))
     else:
         y = keras.ops.reshape(keras.ops.cast(labels, "float32"), (-1, num_classes))
-    loss = _bridge().run(pair, z, y)
+    loss = _bridge(choice.implementation).run(pair, z, y)
     return keras.ops.reshape(loss, leading)
 
 
-_BRIDGE = []
+_BRIDGE_MODULES = {
+    ("numba_cpu", "torch"): "torch_bridge",
+    ("numba_cpu", "tensorflow"): "tf_bridge",
+    ("numba_cpu", "jax"): "jax_bridge",
+    ("numba_cuda", "torch"): "torch_cuda_bridge",
+    ("numba_cuda", "jax"): "jax_cuda_bridge",
+}
 
 
-def _bridge():
-    if not _BRIDGE:
-        if _backend.BACKEND == "torch":
-            from .bridges import torch_bridge as bridge
-        elif _backend.BACKEND == "tensorflow":
-            from .bridges import tf_bridge as bridge
-        else:
-            from .bridges import jax_bridge as bridge
-        _BRIDGE.append(bridge)
-    return _BRIDGE[0]
+def _bridge(implementation):
+    import importlib
+
+    return importlib.import_module(f".bridges.{_BRIDGE_MODULES[implementation, _backend.BACKEND]}", __package__)
 
 
 def explain(loss, y_true, y_pred):
