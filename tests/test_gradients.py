@@ -49,3 +49,17 @@ def test_checker_catches_a_wrong_gradient():
     assert not result.ok
     assert 0.009 < result.max_relative_error < 0.011
     assert "FAILED" in str(result) and len(result.where) == 1
+
+
+def test_checker_works_on_a_users_own_loss():
+    """A custom loss with plain autodiff (no custom gradient), as a user would check it."""
+    rng = np.random.default_rng(14)
+    z = rng.normal(size=(3, 4))
+    y = np.eye(4)[[0, 3, 1]]
+
+    def my_loss(logits):
+        return keras.ops.sum(keras.ops.square(keras.ops.subtract(keras.ops.softmax(logits), y)), axis=-1)
+
+    result = check_gradients(my_loss, z)
+    assert result.ok and result.mode == "elementwise", str(result)
+    assert "passed" in str(result)
