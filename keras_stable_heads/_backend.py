@@ -4,6 +4,10 @@
   else ``None``. Used to validate labels in eager mode without ever synchronising a device or breaking a trace.
 - ``value_and_grad(f, x)``: ``(f(x), df/dx)`` for a scalar ``f``, as NumPy, used by the gradient checker.
 - ``float64_scope()``: a context in which float64 tensors stay float64 (JAX needs ``jax_enable_x64``).
+- ``global_count_scale(mask)``: inside a multi-replica ``tf.distribute`` step, ``kept / mean over replicas of kept``
+  (``kept`` = true entries of ``mask`` on this replica, one all-reduce of a scalar), else ``None``. A masked loss
+  scaled by it averages over the kept entries of the global batch, not of each replica's share. Other backends:
+  ``None`` (JAX distributions compute on global arrays; ``torch`` DDP needs the caller's own all-reduce).
 """
 
 import contextlib
@@ -31,7 +35,15 @@ def _tensorflow():
             y = f(x)
         return y.numpy(), tape.gradient(y, x).numpy()
 
-    return host_value, value_and_grad, contextlib.nullcontext
+    def global_count_scale(mask):
+        context = tf.distribute.get_replica_context()  # None in a cross-replica context
+        if context is None or context.num_replicas_in_sync == 1:
+            return None
+        kept = tf.reduce_sum(tf.cast(mask, tf.float32))
+        mean_kept = context.all_reduce(tf.distribute.ReduceOp.MEAN, kept)
+        return tf.stop_gradient(tf.math.divide_no_nan(kept, mean_kept))
+
+    return host_value, value_and_grad, contextlib.nullcontext, global_count_scale
 
 
 def _jax():
@@ -48,7 +60,7 @@ def _jax():
         y, g = jax.value_and_grad(f)(jax.numpy.asarray(x))
         return np.asarray(y), np.asarray(g)
 
-    return host_value, value_and_grad, lambda: jax.enable_x64(True)
+    return host_value, value_and_grad, lambda: jax.enable_x64(True), _no_scale
 
 
 def _torch():
@@ -65,7 +77,7 @@ def _torch():
         (g,) = torch.autograd.grad(y, x)
         return y.detach().numpy(), g.numpy()
 
-    return host_value, value_and_grad, contextlib.nullcontext
+    return host_value, value_and_grad, contextlib.nullcontext, _no_scale
 
 
 def _numpy():
@@ -75,8 +87,12 @@ def _numpy():
     def value_and_grad(f, x):
         raise NotImplementedError("the numpy backend of Keras has no automatic differentiation")
 
-    return host_value, value_and_grad, contextlib.nullcontext
+    return host_value, value_and_grad, contextlib.nullcontext, _no_scale
+
+
+def _no_scale(mask):
+    return None
 
 
 _RESOLVERS = {"tensorflow": _tensorflow, "jax": _jax, "torch": _torch, "numpy": _numpy}
-host_value, value_and_grad, float64_scope = _RESOLVERS[BACKEND]()
+host_value, value_and_grad, float64_scope, global_count_scale = _RESOLVERS[BACKEND]()

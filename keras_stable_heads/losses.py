@@ -6,8 +6,10 @@ Reduction, ``sample_weight``, Keras masks and dtype casting stay in ``keras.loss
 
 import keras
 from keras import ops as kops
+from keras.src.backend import get_keras_mask
 from keras.src.backend import set_keras_mask
 
+from . import _backend
 from . import _validation as check
 from . import dispatch
 from . import ops
@@ -34,11 +36,19 @@ class _StableLoss(keras.losses.Loss):
         config["dtype"] = self._dtype_policy.name
         return config
 
+    def _mask_rows(self, loss, keep, y_pred):
+        """Attach ``keep`` as the Keras mask: 'sum_over_batch_size' then averages over kept entries (all dropped -> 0).
 
-def _mask_rows(loss, keep):
-    """Attach ``keep`` as the Keras mask: 'sum_over_batch_size' then averages over kept entries (all dropped -> 0)."""
-    set_keras_mask(loss, keep)
-    return loss
+        In a multi-replica ``tf.distribute`` step Keras divides each replica by its own kept count; scaling by
+        kept-here / mean-kept-over-replicas makes it the global batch's count, as on one device.
+        """
+        if self.reduction in ("sum_over_batch_size", "mean"):
+            in_mask = get_keras_mask(y_pred)
+            scale = _backend.global_count_scale(keep if in_mask is None else kops.logical_and(keep, in_mask))
+            if scale is not None:
+                loss = loss * kops.cast(scale, loss.dtype)
+        set_keras_mask(loss, keep)
+        return loss
 
 
 @export
@@ -141,7 +151,7 @@ class StableSparseSoftmaxCE(_StableLoss):
         if self.ignore_class is None:
             return loss
         labels = kops.reshape(kops.cast(y_true, "int32"), kops.shape(loss))
-        return _mask_rows(loss, kops.not_equal(labels, self.ignore_class))
+        return self._mask_rows(loss, kops.not_equal(labels, self.ignore_class), y_pred)
 
 
 @export
@@ -174,7 +184,7 @@ class StableMultilabelCE(_StableLoss):
         if self.missing_label is None:
             return loss
         present = kops.not_equal(y_true, self.missing_label)
-        return _mask_rows(loss, kops.any(present, axis=-1))
+        return self._mask_rows(loss, kops.any(present, axis=-1), y_pred)
 
 
 @export
