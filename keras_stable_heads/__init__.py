@@ -16,7 +16,23 @@ Laplace                     identity (median)   ``LaplaceNLL``
 from . import dispatch
 from . import ops
 from . import testing
+from .audit import AuditError
+from .audit import AuditWarning
+from .audit import Finding
+from .audit import Findings
+from .audit import audit
+from .audit import install_compile_check
+from .audit import stabilize
+from .audit import stable_twin
+from .audit import uninstall_compile_check
 from .dispatch import explain
+from .heads import BinaryHead
+from .heads import GaussianHead
+from .heads import LaplaceHead
+from .heads import Link
+from .heads import MultilabelHead
+from .heads import SoftmaxHead
+from .heads import inference_model
 from .losses import GaussianNLL
 from .losses import LaplaceNLL
 from .losses import StableBinaryCE
@@ -29,6 +45,22 @@ from .losses import StableSparseSoftmaxCE
 __version__ = "0.1.0"
 
 __all__ = [
+    "AuditError",
+    "AuditWarning",
+    "BinaryHead",
+    "Finding",
+    "Findings",
+    "GaussianHead",
+    "LaplaceHead",
+    "Link",
+    "MultilabelHead",
+    "SoftmaxHead",
+    "audit",
+    "inference_model",
+    "install_compile_check",
+    "stabilize",
+    "stable_twin",
+    "uninstall_compile_check",
     "GaussianNLL",
     "LaplaceNLL",
     "StableBinaryCE",

@@ -1,4 +1,5 @@
-"""Command line: ``keras-stable-heads [quickstart]`` (also ``python -m keras_stable_heads``)."""
+"""Command line: ``keras-stable-heads [COMMAND]`` (also ``python -m keras_stable_heads``); among the commands,
+``quickstart`` and ``audit MODEL.keras [--fix OUT.keras]``."""
 
 import argparse
 import os
@@ -28,6 +29,52 @@ def quickstart(args):
     return 0
 
 
+def run_bench(args):
+    """``keras-stable-heads bench [--full] [--backend ...]``: benchmarks, from a source checkout."""
+    from keras_stable_heads import bench
+
+    return bench.main(args.options)
+
+
+def audit(args):
+    """Print the audit of a saved model; exit 1 when it has findings (with --fix: when the fixed model has any)."""
+    import keras
+
+    from keras_stable_heads.audit import audit as audit_model
+    from keras_stable_heads.audit import stabilize
+
+    try:
+        model = keras.saving.load_model(args.model)
+    except Exception as error:  # noqa: BLE001 - any loading failure is reported the same way
+        print(f"keras-stable-heads audit: cannot load {args.model}: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    findings = audit_model(model)
+    print(f"{args.model}: {findings}")
+    if not args.fix:
+        return 1 if findings else 0
+    try:
+        training, inference = stabilize(model)
+    except (TypeError, ValueError) as error:
+        print(f"keras-stable-heads audit: cannot fix {args.model}: {error}", file=sys.stderr)
+        return 2
+    training.save(args.fix)
+    print(f"wrote the stabilized training model (logits, compiled with the stable losses) to {args.fix}")
+    if args.inference:
+        inference.save(args.inference)
+        print(f"wrote the inference model (probabilities) to {args.inference}")
+    remaining = audit_model(training)
+    if remaining:
+        print(f"{args.fix} still has {remaining}")
+    return 1 if remaining else 0
+
+
+def run_demo(args):
+    """``keras-stable-heads demo``: train stable vs mistaken pairings on bundled data; plots and a report folder."""
+    from keras_stable_heads import demo
+
+    return demo.main(args)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="keras-stable-heads", description=__doc__)
     commands = parser.add_subparsers(dest="command")
@@ -35,10 +82,39 @@ def main(argv=None):
     quick.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     quick.add_argument("--epochs", type=int, default=5)
     quick.set_defaults(run=quickstart)
+    check = commands.add_parser("audit", help="report mismatched output activations and losses in a saved model; "
+                                "exit 1 when there are any")
+    check.add_argument("model", help="a saved model (.keras)")
+    check.add_argument("--fix", metavar="OUT.keras", help="write the stabilized training model (logits, stable losses)")
+    check.add_argument("--inference", metavar="OUT.keras", help="with --fix: also write the inference model "
+                       "(probabilities)")
+    check.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
+    check.set_defaults(run=audit)
+    # bench parses its own options (keras_stable_heads.bench): they pass through untouched.
+    bench = commands.add_parser("bench", add_help=False, prefix_chars="+",
+                                help="benchmark the losses against the built-ins (bench -h for its options)")
+    bench.add_argument("options", nargs=argparse.REMAINDER)
+    bench.set_defaults(run=run_bench)
+    # demo: the default command (keras_stable_heads.demo, imported only when it runs).
+    show = commands.add_parser("demo", help="the default: why each activation goes with its loss, trained on "
+                               "bundled data, with plots and a report folder")
+    show.add_argument("--backend", choices=["tensorflow", "jax", "torch"],
+                      help="Keras backend (default: KERAS_BACKEND)")
+    show.add_argument("--epochs", type=int, help="epochs for every task (default: per task, see docs/demo.md)")
+    show.add_argument("--out", default="keras-stable-heads-demo", help="the report folder (default: %(default)s)")
+    show.add_argument("--task", action="append", choices=["regression", "binary", "multiclass", "multilabel", "all"],
+                      help="run only this task (repeatable; default: all)")
+    show.add_argument("--dataset", choices=["bundled", "cifar10"], default="bundled",
+                      help="bundled: scikit-learn's sets; cifar10: binary (bird vs airplane) and 10-class tasks on "
+                      "CIFAR-10 from Keras's local cache")
+    show.add_argument("--seed", type=int, default=0, help="seeds the split, the initial weights and the batch order")
+    show.set_defaults(run=run_demo)
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
-        argv = ["quickstart", *argv]  # the default command
+        argv = ["demo", *argv]  # the default command
     args = parser.parse_args(argv)
+    if getattr(args, "inference", None) and not args.fix:
+        parser.error("--inference needs --fix")
     _use_backend(getattr(args, "backend", None), argv)
     return args.run(args)
 
