@@ -162,3 +162,24 @@ def test_tensorflow_xla_context_falls_back():
         tf.function(jit_compile=True)(
             lambda z: ops.softmax_cross_entropy_with_integer_labels(z, tf.zeros([8], tf.int32), implementation="numba"))(
             tf.zeros([8, 4]))
+
+
+def test_distribution_scopes_take_the_portable_path():
+    """A host kernel cannot be sharded: under a tf.distribute strategy or a keras.distribution the auto choice is
+    the portable path (torch DDP runs one process per replica, where the kernels are valid)."""
+    large = np.zeros((1024, 1024), np.float32)
+    if BACKEND == "tensorflow":
+        import tensorflow as tf
+
+        with tf.distribute.MirroredStrategy(["/cpu:0"]).scope():
+            choice = dispatch.choose("sparse_softmax_ce", keras.ops.convert_to_tensor(large))
+        assert choice.implementation == "portable" and "tf.distribute" in choice.reason
+    elif BACKEND == "jax":
+        keras.distribution.set_distribution(keras.distribution.DataParallel())
+        try:
+            choice = dispatch.choose("sparse_softmax_ce", keras.ops.convert_to_tensor(large))
+        finally:
+            keras.distribution.set_distribution(None)
+        assert choice.implementation == "portable" and "keras.distribution" in choice.reason
+    else:
+        assert dispatch.choose("sparse_softmax_ce", keras.ops.convert_to_tensor(large)).implementation == "numba_cpu"
