@@ -396,8 +396,9 @@ def _sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, missing_
         loss, scale = _label_reduction(_bce_terms(z, target_pos, 1.0 - y), present, mean)
 
         def vjp(g):
-            # d/dz [pw y softplus(-z) + (1 - y) softplus(z)] = sigmoid(z) (pw y + 1 - y) - pw y
-            grad = ops.sigmoid(z) * (target_pos + 1.0 - y) - target_pos
+            # d/dz [pw y softplus(-z) + (1 - y) softplus(z)] = (1 - y) sigmoid(z) - pw y sigmoid(-z): no
+            # sigmoid(z) - 1 cancellation, so the gradient stays exact (-e^-z, not 0) for confident logits.
+            grad = safe_mul(1.0 - y, ops.sigmoid(z)) - safe_mul(target_pos, ops.sigmoid(-z))
             return grad * scale * ops.expand_dims(g, -1)
 
         return loss, vjp

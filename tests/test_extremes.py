@@ -190,3 +190,11 @@ def test_regression_nll_at_extremes():
         loss, grad = value_and_grad(lambda x: fn(x, y), params)
         np.testing.assert_allclose(loss, reference(params, y), rtol=1e-5)
         assert np.all(np.isfinite(grad))
+
+
+def test_binary_ce_gradient_is_exact_for_confident_logits():
+    """sigmoid(z) - 1 would round to 0 above z = 16.6 in float32; the gradient is -exp(-z) there."""
+    z = np.array([[20.0], [40.0], [-40.0]], np.float32)
+    y = np.array([[1.0], [1.0], [0.0]])
+    _, grad = value_and_grad(lambda x: ops.sigmoid_binary_cross_entropy(x, y, implementation="portable"), z)
+    np.testing.assert_allclose(grad[:, 0], [-np.exp(-20.0), -np.exp(-40.0), np.exp(-40.0)], rtol=1e-5)
