@@ -28,11 +28,13 @@ from . import _backend
 ENV_VAR = "KERAS_STABLE_HEADS_IMPLEMENTATION"
 CHOICES = ("auto", "portable", "numba_cpu", "numba_cuda")
 
-# The automatic choice uses the Numba path from this many logits up (N * C), per backend. Measured with
-# benchmarks/dispatch_threshold.py on the 2-core CPU machine (see README, "Numba CPU kernels"): below these
-# sizes the fixed cost of leaving the framework (about 0.02 ms JAX, 0.08 ms torch, 0.3 ms TensorFlow)
-# outweighs the faster kernel.
-NUMBA_MIN_ELEMENTS = {"jax": 1 << 16, "torch": 1 << 12, "tensorflow": 1 << 16}
+# The automatic choice uses the Numba CPU path from this many logits up (N * C), per backend; None: never.
+# Measured with `keras-stable-heads bench --backend all` (benchmarks/results/records.jsonl; the 2-core CPU box,
+# loaded): torch's portable path pays ~1 ms of eager-op overhead even at 256x10 while the bridge costs ~0.1 ms,
+# so always; on JAX the buffer-callback path lost to optax/XLA at every size but the largest (65536x10: 19.9 vs
+# 3.3 ms; 8192x1000: 31.9 vs 16.9 ms), so never by default; TensorFlow from 65536 logits (8192x1000: 23.6 vs
+# tf.nn's 78.5 ms; 65536x10: 6.2 vs 4.8 ms).
+NUMBA_MIN_ELEMENTS = {"jax": None, "torch": 0, "tensorflow": 1 << 16}
 # The same for the CUDA kernels on a GPU, measured with benchmarks/gpu_cuda_check.py on an H200
 # (benchmarks/results/gpu_records_h200.jsonl). torch: the kernels beat the portable path at every size measured
 # (512x10: 1.25 vs 1.89 ms; 16384x131072: 9.9 vs 103 ms), so always. JAX: XLA's fusion of the portable path
@@ -292,7 +294,7 @@ def explain(loss, y_true, y_pred):
 
     Example:
         >>> choice = keras_stable_heads.explain(StableSparseSoftmaxCE(), labels, logits)
-        >>> print(choice)   # numba_cpu: 4096x32000 float32 on cpu; numba_cpu is faster from 4096 logits
+        >>> print(choice)   # numba_cpu: 4096x32000 float32 on cpu; numba_cpu is faster from 0 logits
     """
     from .numerics import upcast
 

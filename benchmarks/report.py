@@ -1,0 +1,183 @@
+"""Tables from benchmark records: the stable op against the fastest built-in, and the exactness table.
+
+    python benchmarks/report.py [--records benchmarks/results/records.jsonl] [--run-id ID] [--markdown]
+
+Standalone (standard library only), so it runs wherever the records are. For each backend, device, op, dtype
+and size, the *stable* row is the implementation that ``implementation="auto"`` picks for those inputs (what a
+user gets), the *built-in* row the fastest of Keras's loss, ``tf.nn``, ``torch.nn.functional`` and ``optax``
+(``+xla`` variants included). Times are the min of the timed calls by default (``--stat``; the machines these
+run on are often shared, and the min is the reproducible one); speed-up is built-in time / stable time;
+"% roofline" is the stable op's bytes moved per second over the copy bandwidth measured in the same run.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_RECORDS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "records.jsonl")
+
+
+def load(path, run_id=None):
+    records = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if run_id is None or record.get("run_id") == run_id:
+                    records.append(record)
+    return records
+
+
+def latest(records):
+    """The latest record per measurement key (later lines win)."""
+    table = {}
+    for r in records:
+        key = (r["backend"], r.get("device_name"), r["op"], r["implementation"], r["dtype"], tuple(r["shape"]),
+               r["case"], r["mode"])
+        table[key] = r
+    return list(table.values())
+
+
+def _ok(r, stat="min"):
+    return not r.get("skipped") and isinstance(r.get(stat), (int, float))
+
+
+def _error(x):
+    if x is None:
+        return "—"
+    if isinstance(x, str):
+        return x
+    return "0" if x == 0 else f"{x:.0e}"
+
+
+def speed_rows(records, mode="forward_backward", stat="min"):
+    """One row per (backend, device, op, dtype, size): the auto-picked stable op and the fastest built-in."""
+    groups = {}
+    for r in latest(records):
+        if r["case"] != "random" or r["mode"] != mode or not _ok(r, stat):
+            continue
+        key = (r["backend"], r["device_name"], r["op"], r["dtype"], tuple(r["shape"]))
+        groups.setdefault(key, []).append(r)
+    rows = []
+    for key, group in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] or "", kv[0][2], kv[0][3],
+                                                               kv[0][4][0] * kv[0][4][1], kv[0][4])):
+        stable = [r for r in group if r["family"] == "stable"]
+        builtin = [r for r in group if r["family"] == "builtin"]
+        if not stable or not builtin:
+            continue
+        auto = stable[0].get("auto_choice")
+        picked = [r for r in stable if r["implementation"] == f"stable/{auto}"]
+        ours = picked[0] if picked else min(stable, key=lambda r: r[stat])
+        best_stable = min(stable, key=lambda r: r[stat])
+        theirs = min(builtin, key=lambda r: r[stat])
+        roofline = ours.get("roofline_gbs")
+        fraction = ours["bytes"] / (ours[stat] * 1e-3) / (roofline * 1e9) if roofline and ours.get("bytes") else None
+        rows.append(dict(backend=key[0], device=key[1], op=key[2], dtype=key[3], shape=key[4], stable=ours,
+                         best_stable=best_stable, builtin=theirs, speedup=theirs[stat] / ours[stat],
+                         fraction=fraction, stat=stat))
+    return rows
+
+
+def _size(shape):
+    return f"{shape[0]}x{shape[1]}"
+
+
+def _table(header, body, markdown):
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(str(x)) for x in column) for column in zip(header, *body)]
+    fmt = "  ".join(f"{{:{'<' if i < 4 else '>'}{w}}}" for i, w in enumerate(widths))
+    return "\n".join([fmt.format(*header), fmt.format(*("-" * w for w in widths))] + [fmt.format(*row) for row in body])
+
+
+def format_speed(records, mode="forward_backward", markdown=False, stat="min"):
+    header = ["backend", "op", "dtype", "size", "stable (auto)", "ms", "fastest built-in", "ms", "speed-up",
+              "% roofline", "loss err stable / built-in"]
+    body = []
+    for row in speed_rows(records, mode, stat):
+        s, b = row["stable"], row["builtin"]
+        fraction = row["fraction"]
+        body.append([row["backend"], row["op"], row["dtype"], _size(row["shape"]),
+                     s["implementation"].removeprefix("stable/"), f"{s[stat]:.3g}", b["implementation"],
+                     f"{b[stat]:.3g}", f"{row['speedup']:.2f}x",
+                     "—" if fraction is None else f"{100 * fraction:.0f}%",
+                     f"{_error(s.get('loss_error'))} / {_error(b.get('loss_error'))}"])
+    if not body:
+        return f"(no {mode} timings)"
+    return _table(header, body, markdown)
+
+
+def format_exactness(records, markdown=False):
+    """Errors on the extreme-logit case, one row per backend/op/dtype, one column per implementation."""
+    cells = {}
+    impls = []
+    for r in latest(records):
+        if r["case"] != "extreme":
+            continue
+        key = (r["backend"], r["op"], r["dtype"])
+        if r.get("skipped"):
+            continue
+        text = f"{_error(r.get('loss_error'))} / {_error(r.get('grad_error'))}"
+        cells.setdefault(key, {})[r["implementation"]] = text
+        if r["implementation"] not in impls:
+            impls.append(r["implementation"])
+    if not cells:
+        return "(no exactness records)"
+    impls.sort(key=lambda name: (not name.startswith("stable"), name))
+    header = ["backend", "op", "dtype", *impls]
+    body = [[*key, *(cells[key].get(name, "—") for name in impls)] for key in sorted(cells)]
+    return _table(header, body, markdown)
+
+
+def context_lines(records):
+    """Where the numbers came from: devices, bandwidth, versions, commit, time."""
+    seen = {}
+    for r in records:
+        seen.setdefault((r["backend"], r.get("device_name")), r)
+    lines = []
+    for (backend, device), r in sorted(seen.items(), key=lambda kv: (kv[0][0], kv[0][1] or "")):
+        bw = r.get("bandwidth") or {}
+        versions = r.get("versions") or {}
+        parts = [f"{backend} on {device}"]
+        if bw.get("copy_1t_gbs"):
+            parts.append(f"copy {bw['copy_1t_gbs']:.0f} GB/s (1 thread), "
+                         f"{bw.get('copy_threads_gbs') or 0:.0f} GB/s ({bw.get('threads')} threads)")
+        if bw.get("device_copy_gbs"):
+            parts.append(f"device copy {bw['device_copy_gbs']:.0f} GB/s")
+        parts.append(", ".join(f"{k} {v}" for k, v in versions.items()))
+        parts.append(f"commit {r.get('commit')}{'+dirty' if r.get('dirty') else ''}, {r.get('timestamp')}")
+        lines.append("; ".join(parts))
+    return lines
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--records", default=DEFAULT_RECORDS)
+    parser.add_argument("--run-id", help="only this run's records (default: the latest record of each measurement)")
+    parser.add_argument("--mode", default="forward_backward", choices=["forward", "forward_backward"])
+    parser.add_argument("--stat", default="min", choices=["min", "median", "max"])
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    records = load(args.records, args.run_id)
+    if not records:
+        print(f"no records in {args.records}", file=sys.stderr)
+        return 1
+    print(format_speed(records, args.mode, args.markdown, args.stat))
+    print()
+    print("Exactness on extreme logits (loss error / gradient error against float64):")
+    print(format_exactness(records, args.markdown))
+    print()
+    for line in context_lines(records):
+        print(("- " if args.markdown else "") + line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
