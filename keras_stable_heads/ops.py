@@ -477,7 +477,8 @@ def sigmoid_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_
             # d log(1 - p_t) / dz = (1 - 2y) p q / (1 - p_t); 0 where 1 - p_t underflowed (then modulator is 0 too).
             positive = one_minus_pt > 0.0
             ratio = ops.where(positive, (1.0 - 2.0 * y) * p * q / ops.where(positive, one_minus_pt, 1.0), 0.0)
-            grad = modulator * (gamma * ratio * bce + (p - y))
+            # d BCE / dz = (1 - y) p - y q, written as in the cross-entropy (no p - 1 cancellation).
+            grad = modulator * (gamma * ratio * bce + (safe_mul(1.0 - y, p) - safe_mul(y, q)))
             if alpha_t is not None:
                 grad = alpha_t * grad
             return grad * scale * ops.expand_dims(g, -1)

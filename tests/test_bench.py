@@ -83,7 +83,11 @@ def test_quick_run_writes_records(tmp_path, capsys):
         assert r["loss_error"] < 1e-5 and r["grad_error"] < 1e-5 and r["error_rows"] == 16
         assert r["hardware"]["cores"] >= 1 and "keras" in r["versions"] and r["timestamp"]
     stable = next(r for r in timed if r["implementation"] == "stable/portable")
-    assert stable["auto_choice"] == "portable"  # 80 logits: below every kernel threshold
+    # the record names what "auto" would pick for these inputs: the dispatcher's own answer
+    from keras_stable_heads import dispatch
+
+    expected = dispatch.choose("sparse_softmax_ce", keras.ops.convert_to_tensor(np.zeros((16, 5), "float32")))
+    assert stable["auto_choice"] == expected.implementation
     extreme = [r for r in records if r["case"] == "extreme"]
     assert {r["implementation"].removesuffix("+xla") for r in extreme} == {"stable/portable", "keras", "keras(probs)"}
     assert next(r for r in extreme if r["implementation"] == "stable/portable")["loss_error"] < 1e-6
