@@ -19,6 +19,15 @@ def run(pair, logits, labels):
     forward_call = buffer_callback(forward_cb, (rows, rows))
     backward_call = buffer_callback(backward_cb, jax.ShapeDtypeStruct(logits.shape, np.float32))
 
+    return apply_with_kernel_vjp(forward_call, backward_call, logits, labels)
+
+
+def apply_with_kernel_vjp(forward_call, backward_call, logits, labels):
+    """``forward_call(z, y) -> (loss, saved)`` as an op whose gradient is ``backward_call(z, y, saved, dloss)``.
+
+    Shared by the CPU and CUDA bridges: only the buffer callbacks differ. Labels get no cotangent.
+    """
+
     @jax.custom_vjp
     def op(z, y):
         return forward_call(z, y)[0]

@@ -12,6 +12,8 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 from numba import cuda
 
+from .jax_bridge import apply_with_kernel_vjp
+
 
 def _view(buffer):
     """A Numba device array over an XLA buffer, without synchronising."""
@@ -46,17 +48,4 @@ def run(pair, logits, labels):
     forward_call = buffer_callback(forward_cb, out_types)
     backward_call = buffer_callback(backward_cb, jax.ShapeDtypeStruct(logits.shape, np.float32))
 
-    @jax.custom_vjp
-    def op(z, y):
-        return forward_call(z, y)[0]
-
-    def fwd(z, y):
-        loss, saved = forward_call(z, y)
-        return loss, (z, y, saved)
-
-    def bwd(residuals, dloss):
-        z, y, saved = residuals
-        return backward_call(z, y, saved, dloss.astype(np.float32)), None
-
-    op.defvjp(fwd, bwd)
-    return op(logits, labels)
+    return apply_with_kernel_vjp(forward_call, backward_call, logits, labels)
