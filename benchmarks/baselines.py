@@ -184,7 +184,12 @@ class _Framework:
     def reset_device_peak(self):
         pass
 
+    def release(self):
+        """Give cached device memory back between candidates (a GPU holds several N x C buffers per candidate)."""
+
     def device_copy_gbs(self, nbytes):
+        """The device's copy bandwidth (bytes read + written per second, best of the timed calls), in GB/s; None
+        on a CPU (the host copy of :func:`harness.host_bandwidth` is the roofline there)."""
         return None
 
 
@@ -300,6 +305,10 @@ class TorchFramework(_Framework):
     def reset_device_peak(self):
         if self.device == "gpu":
             self.torch.cuda.reset_peak_memory_stats()
+
+    def release(self):
+        if self.device == "gpu":
+            self.torch.cuda.empty_cache()
 
     def peak_device_mib(self):
         return self.torch.cuda.max_memory_allocated() / 2**20 if self.device == "gpu" else None

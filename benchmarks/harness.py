@@ -1,8 +1,11 @@
 """The one benchmark harness: timing, the roofline, peak memory, the record schema, and the run's context.
 
-Nothing here knows about losses or Keras backends: :func:`measure` times any callable, :func:`bytes_moved`
-is the traffic model, :func:`host_bandwidth` measures the machine's copy bandwidth in the same run, and
-:func:`make_record` builds the one long-form record that every run appends to ``results/records.jsonl``.
+Nothing here knows about losses or Keras backends: :func:`measure` times any callable (wall time, each call
+followed by the device synchronisation it is given), :func:`stats_of` turns times measured otherwise (CUDA
+events) into the same statistics, :func:`bytes_moved` is the traffic model, :func:`host_bandwidth` measures the
+machine's copy bandwidth in the same run, :class:`Deadline` is a run's time budget, and :func:`make_record`
+builds the one long-form record that every run appends to a records file (``results/records.jsonl`` on CPU,
+``results/gpu_harness_records.jsonl`` on GPU: the same schema, the device's name in every record).
 """
 
 import dataclasses
@@ -16,11 +19,12 @@ import time
 
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # The record schema: one JSON object per line, one line per (op, implementation, backend, device, dtype, shape,
 # case, mode). Timings are in ``unit`` (milliseconds); an error that is not finite is written as the string
 # "nan" or "inf" (JSON has no NaN); a measurement that could not run has ``skipped`` set to the reason and no stats.
+# Schema 2 = schema 1 plus ``source``; a schema-1 record reads as one with ``source`` None (readers use .get).
 FIELDS = (
     "schema",            # SCHEMA_VERSION
     "run_id",            # one id per `keras-stable-heads bench` invocation (shared by its per-backend processes)
@@ -55,6 +59,8 @@ FIELDS = (
     "hardware",          # {cpu, cores, memory_gib, gpu}
     "load_average",      # the machine's 1/5/15-minute load average when the run started (a shared box is noisy)
     "versions",          # {python, numpy, keras, numba, <framework>...}
+    "source",            # None: measured by this harness. Else where a converted record came from (a dict:
+                         # the original file and script, its own statistics; see gpu_convert.py)
 )
 
 
@@ -76,6 +82,14 @@ class Stats:
     def as_ms(self):
         return {"min": self.min * 1e3, "median": self.median * 1e3, "max": self.max * 1e3, "unit": "ms",
                 "reps": self.reps, "warmup": self.warmup}
+
+
+def stats_of(times_s, warmup):
+    """:class:`Stats` of timed calls given in seconds (for times measured otherwise, e.g. with CUDA events)."""
+    times = list(times_s)
+    if not times:
+        raise ValueError("no timed calls")
+    return Stats(min(times), statistics.median(times), max(times), len(times), warmup)
 
 
 def measure(fn, *, warmup=2, reps=10, sync=None, budget_s=None, min_reps=3):
@@ -104,7 +118,22 @@ def measure(fn, *, warmup=2, reps=10, sync=None, budget_s=None, min_reps=3):
         spent += elapsed
         if budget_s is not None and spent >= budget_s and len(times) >= min_reps:
             break
-    return Stats(min(times), statistics.median(times), max(times), len(times), warmup), result
+    return stats_of(times, warmup), result
+
+
+class Deadline:
+    """A run's time budget: ``Deadline(seconds)`` (None: no limit), or ``Deadline(at=epoch_seconds)`` to share one
+    deadline across processes (``bench --budget-s`` hands its children the absolute time)."""
+
+    def __init__(self, seconds=None, *, at=None):
+        self.at = at if at is not None else (None if seconds is None else time.time() + seconds)
+
+    def left(self):
+        """Seconds left (inf without a limit)."""
+        return float("inf") if self.at is None else self.at - time.time()
+
+    def passed(self):
+        return self.left() <= 0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,20 +267,25 @@ def load_average():
         return None
 
 
+COMMIT_ENV = "KSH_BENCH_COMMIT"
+
+
 def git_commit(root):
-    """``(short commit, dirty)`` of the checkout at ``root``; ``(None, None)`` outside git or without git."""
+    """``(short commit, dirty)`` of the checkout at ``root``. Outside git or without git (a copy of the working
+    tree on a GPU machine): ``($KSH_BENCH_COMMIT, None)``, which ``gpu_run.sh`` sets from ``.whl/SOURCE_COMMIT``."""
     env = dict(os.environ, GIT_OPTIONAL_LOCKS="0")  # read-only: never refresh the index
+    fallback = os.environ.get(COMMIT_ENV) or None, None
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, env=env, capture_output=True,
                                 text=True, timeout=10)
         if commit.returncode != 0:
-            return None, None
+            return fallback
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, env=env,
                                 capture_output=True, text=True, timeout=10)
         dirty = bool(status.stdout.strip()) if status.returncode == 0 else None
         return commit.stdout.strip(), dirty
     except (OSError, subprocess.SubprocessError):
-        return None, None
+        return fallback
 
 
 def versions(*distributions):
@@ -306,19 +340,21 @@ def append_records(path, records):
 
 
 def load_records(path, run_id=None):
-    """The records in ``path`` (all, or those of one ``run_id``); lines that are not JSON are skipped."""
+    """The records in ``path`` (all, or those of one ``run_id``); lines that are not JSON are skipped.
+    ``path`` may be a list of files (read in order; missing files give no records)."""
     records = []
-    if not os.path.exists(path):
-        return records
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if run_id is None or record.get("run_id") == run_id:
-                records.append(record)
+    for one in [path] if isinstance(path, (str, os.PathLike)) else path:
+        if not os.path.exists(one):
+            continue
+        with open(one) as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if run_id is None or record.get("run_id") == run_id:
+                    records.append(record)
     return records

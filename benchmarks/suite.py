@@ -5,6 +5,12 @@ For every (op, size, dtype): the same seeded inputs go to every candidate of :mo
 inputs are compared with the float64 references of ``tests/reference.py`` (loaded by path, never copied).
 An ``extreme`` case (exactness only) adds logits of scale 1e4 and, for the softmax ops, one masked (``-inf``)
 class per row, plus Keras's loss applied to probabilities (the clipped way) for contrast.
+
+Plans: :func:`quick_plan` and :func:`full_plan` (sized for a 2-core CPU) and :func:`gpu_plan` (the GPU sizes of
+issues 5 and 6, largest first, then a float32 sweep of small sizes for the dispatcher's thresholds). A plan runs
+on whatever device the backend computes on: the same code measures a CPU and a GPU, with the device's own
+synchronisation, peak memory and copy bandwidth (:mod:`baselines`). A :class:`harness.Deadline` bounds a run:
+what is left when it passes is recorded as skipped ("time budget spent"), never lost silently.
 """
 
 import dataclasses
@@ -12,6 +18,7 @@ import gc
 import importlib.util
 import os
 import sys
+import time
 import traceback
 
 import numpy as np
@@ -35,6 +42,16 @@ FULL_LOW_PRECISION_MAX = 8192 * 1000
 # From this many bytes of logits on, one warm-up call and 3 timed calls; from HUGE_BYTES on, 2 timed calls.
 LARGE_BYTES = 256 << 20
 HUGE_BYTES = 1 << 30
+# Logits larger than this are a seeded block of TILE_BYTES repeated along the rows (labels stay independent):
+# drawing 2^31 normal floats on one host thread takes tens of seconds, and rows are independent, so neither the
+# timings nor the exactness (on the first rows, which are the block's) change.
+TILE_ABOVE_BYTES = 1 << 30
+TILE_BYTES = 256 << 20
+# The GPU plan: the sizes of issues 5 and 6 (a language-model head: 32000 and 131072 classes), largest first, and
+# small float32 forward+backward sizes after them for the dispatcher's GPU thresholds.
+GPU_SIZES = ((16384, 131072), (8192, 32000))
+GPU_SWEEP_SIZES = ((512, 10), (4096, 100), (2048, 1000), (4096, 8192))
+SKIPPED_FOR_TIME = "time budget spent"
 
 
 def large_case_rows(classes=LARGE_CLASSES, memory=None, headroom=16):
@@ -86,6 +103,9 @@ class Plan:
     extreme_dtypes: tuple = ("float32",)
     low_precision_ops: tuple = None  # bfloat16 only for these ops (None: every op)
     forward_max_elements: int = None  # forward-only timing up to this many logits (None: every size)
+    size_order: str = "ascending"  # or "descending": the largest (the headline) first, when a budget may run out
+    sweep_sizes: tuple = ()  # after the sizes: float32, forward+backward only, every op of the plan
+    shrink_large: bool = True  # fewer calls from LARGE_BYTES / HUGE_BYTES of logits on (seconds per call on a CPU)
 
     def with_overrides(self, ops=None, sizes=None, dtypes=None, modes=None, include=None, reps=None,
                        extreme_size=None):
@@ -97,6 +117,9 @@ class Plan:
         extreme_dtypes = tuple(dtypes) if dtypes else self.extreme_dtypes
         return dataclasses.replace(self, low_precision_max_elements=limit, extreme_dtypes=extreme_dtypes,
                                    forward_max_elements=None if (explicit or modes) else self.forward_max_elements,
+                                   sweep_sizes=() if (sizes or (dtypes and "float32" not in dtypes)
+                                                      or (modes and "forward_backward" not in modes))
+                                   else self.sweep_sizes,
                                    low_precision_ops=None if explicit else self.low_precision_ops, ops=ops, sizes=table, dtypes=tuple(dtypes) if dtypes else self.dtypes,
                                    modes=tuple(modes) if modes else self.modes,
                                    include=tuple(include) if include else self.include, reps=reps or self.reps,
@@ -126,6 +149,17 @@ def full_plan():
                 forward_max_elements=FULL_LOW_PRECISION_MAX)
 
 
+def gpu_plan():
+    """A GPU (the JAX and PyTorch backends): sparse softmax CE at 16384x131072 and 8192x32000, float32 and
+    bfloat16, forward and forward+backward, largest first, then the float32 forward+backward sweep
+    ``GPU_SWEEP_SIZES``; the extreme-logit exactness case on the GPU too. Each implementation the dispatcher can
+    choose there (portable, numba_cuda), Keras's built-in, torch F.cross_entropy or optax. A few minutes per
+    backend on an H100/H200, most of it compilation and input transfer; ``--budget-s`` bounds it."""
+    return Plan(ops=("sparse_softmax_ce",), sizes={"sparse_softmax_ce": GPU_SIZES}, dtypes=DTYPES, modes=MODES,
+                extreme=True, reps=10, budget_s=0.5, size_order="descending", sweep_sizes=GPU_SWEEP_SIZES,
+                shrink_large=False)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inputs and references
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,8 +178,11 @@ def make_inputs(op, n, c, case, seed=0):
     """Seeded float32 logits and labels (int ids for sparse softmax, one-hot / 0-1 floats otherwise)."""
     rng = np.random.default_rng(seed)
     scale = 3.0 if case == "random" else 1e4
-    logits = rng.standard_normal((n, c), dtype=np.float32)
+    block = n if n * c * 4 <= TILE_ABOVE_BYTES else max(1, TILE_BYTES // (4 * c))
+    logits = rng.standard_normal((block, c), dtype=np.float32)
     logits *= np.float32(scale)
+    if block < n:  # see TILE_ABOVE_BYTES
+        logits = np.tile(logits, (-(-n // block), 1))[:n]
     ids = rng.integers(0, c, n)
     if case == "extreme" and op != "sigmoid_ce" and c > 1:
         # One masked class per row, never the label: probability 0, and no target mass there.
@@ -223,7 +260,7 @@ def grad_error(got, want):
 class Runner:
     """Runs a :class:`Plan` on the current Keras backend and returns the records."""
 
-    def __init__(self, plan, *, run_id, progress=None, log=None, bandwidth_bytes=512 << 20):
+    def __init__(self, plan, *, run_id, progress=None, log=None, bandwidth_bytes=512 << 20, deadline=None):
         import keras
 
         self.plan = plan
@@ -237,6 +274,7 @@ class Runner:
         self.total = 0
         self.context = None
         self.bandwidth_bytes = bandwidth_bytes
+        self.deadline = deadline or harness.Deadline()
         self._blocked = set()
 
     # -- context, measured once per process ---------------------------------------------------------------------
@@ -277,16 +315,33 @@ class Runner:
         limit = self.plan.forward_max_elements
         return [m for m in self.plan.modes if m != "forward" or limit is None or n * c <= limit]
 
+    def cases(self):
+        """``(op, n, c, dtypes, modes)`` in the order measured: the sizes (ascending or largest first), then the
+        sweep sizes (float32, forward+backward)."""
+        sizes = sorted({size for op in self.plan.ops for size in self.plan.sizes[op]}, key=lambda s: s[0] * s[1],
+                       reverse=self.plan.size_order == "descending")
+        result = []
+        for n, c in sizes:
+            for op in self.plan.ops:
+                if (n, c) in self.plan.sizes[op]:
+                    result.append((op, n, c, tuple(self.dtypes_for(op, n, c)), tuple(self.modes_for(n, c))))
+        for n, c in sorted(self.plan.sweep_sizes, key=lambda s: s[0] * s[1]):
+            for op in self.plan.ops:
+                if (n, c) not in self.plan.sizes[op]:
+                    result.append((op, n, c, ("float32",), ("forward_backward",)))
+        return result
+
     def count(self):
         total = 0
+        per_op = {}
         for op in self.plan.ops:
             for dtype in self.plan.dtypes:
                 tiny = self.fw.logits(np.zeros((2, 3), np.float32), dtype)
-                per_mode = len(self._candidates(op, tiny))
-                total += per_mode * sum(len(self.modes_for(n, c)) for n, c in self.plan.sizes[op]
-                                        if dtype in self.dtypes_for(op, n, c))
+                per_op[op, dtype] = len(self._candidates(op, tiny))
                 if self.plan.extreme and dtype in self.plan.extreme_dtypes:
-                    total += len(self._candidates(op, tiny)) + len(baselines.exactness_only_candidates(op))
+                    total += per_op[op, dtype] + len(baselines.exactness_only_candidates(op))
+        for op, n, c, dtypes, modes in self.cases():
+            total += sum(per_op.get((op, dtype), 0) for dtype in dtypes) * len(modes)
         return total
 
     def _step(self, label):
@@ -305,8 +360,8 @@ class Runner:
         _, loss, grad = self.fw.compile(candidate, "forward_backward")(z, y)
         return self.fw.to_numpy(loss, rows), self.fw.to_numpy(grad, rows)
 
-    def run_case(self, op, n, c, dtype, logits_np, labels_np):
-        """Time every candidate on one input; returns the records."""
+    def run_case(self, op, n, c, dtype, logits_np, labels_np, modes=None):
+        """Time every candidate on one input in ``modes`` (default: the plan's for this size); returns the records."""
         z = self.fw.logits(logits_np, dtype)
         y = baselines.labels_like(op, labels_np, dtype, self.fw)
         rows = max(1, min(n, ERROR_ELEMENTS // c))
@@ -317,7 +372,7 @@ class Runner:
             self.log(f"  no float64 reference for {op} {n}x{c}: {_reason(error)}")
             ref_loss = ref_grad = None
         itemsize = 2 if dtype == "bfloat16" else 4
-        large = n * c * itemsize >= LARGE_BYTES
+        large = self.plan.shrink_large and n * c * itemsize >= LARGE_BYTES
         huge_reps = 2 if n * c * itemsize >= HUGE_BYTES else 3
         records = []
         for candidate in self._candidates(op, z):
@@ -325,9 +380,12 @@ class Runner:
             outputs = {}
             results = {}
             skipped = candidate.blocker
-            modes = self.modes_for(n, c)
+            modes = tuple(modes or self.modes_for(n, c))
             for mode in modes:
                 label = f"{self.backend} {op} {n}x{c} {dtype} {candidate.implementation} {mode}"
+                if skipped is None and self.deadline.passed():
+                    skipped = SKIPPED_FOR_TIME
+                    self.log(f"  skipped {label}: {skipped}")
                 if skipped is None:
                     try:
                         fn = self.fw.compile(candidate, mode)
@@ -371,6 +429,17 @@ class Runner:
                     peak_device_mib=peak_device, auto_choice=auto, **errors))
             outputs.clear()
             gc.collect()
+            self.fw.release()
+        return records
+
+    def skipped_case(self, op, n, c, dtype, modes, reason):
+        """Records saying that every candidate of one case was not run, and why (no inputs are made)."""
+        tiny = self.fw.logits(np.zeros((2, 3), np.float32), dtype)
+        records = []
+        for candidate in self._candidates(op, tiny):
+            for mode in modes:
+                records.append(self._record(candidate, op, dtype, (n, c), "random", mode, skipped=reason))
+                self._step(f"{self.backend} {op} {n}x{c} {dtype} {candidate.implementation} {mode}")
         return records
 
     def run_extreme(self, op, dtype):
@@ -383,7 +452,7 @@ class Runner:
         records = []
         for candidate in self._candidates(op, z) + baselines.exactness_only_candidates(op):
             label = f"{self.backend} {op} extreme {dtype} {candidate.implementation}"
-            skipped = candidate.blocker
+            skipped = candidate.blocker or (SKIPPED_FOR_TIME if self.deadline.passed() else None)
             fields = {}
             if skipped is None:
                 try:
@@ -411,16 +480,19 @@ class Runner:
             if sink is not None:
                 sink(records)
 
-        sizes = sorted({size for op in self.plan.ops for size in self.plan.sizes[op]}, key=lambda s: s[0] * s[1])
-        for n, c in sizes:
-            for op in self.plan.ops:
-                if (n, c) not in self.plan.sizes[op]:
-                    continue
-                logits_np, labels_np = make_inputs(op, n, c, "random")
-                for dtype in self.dtypes_for(op, n, c):
-                    emit(self.run_case(op, n, c, dtype, logits_np, labels_np))
-                del logits_np, labels_np
-                gc.collect()
+        for op, n, c, dtypes, modes in self.cases():
+            if self.deadline.passed():  # no inputs made (gigabytes, at the GPU sizes) only to be skipped
+                for dtype in dtypes:
+                    emit(self.skipped_case(op, n, c, dtype, modes, SKIPPED_FOR_TIME))
+                continue
+            start = time.perf_counter()
+            logits_np, labels_np = make_inputs(op, n, c, "random")
+            if time.perf_counter() - start > 1.0:
+                self.log(f"  inputs {op} {n}x{c}: {time.perf_counter() - start:.1f} s")
+            for dtype in dtypes:
+                emit(self.run_case(op, n, c, dtype, logits_np, labels_np, modes))
+            del logits_np, labels_np
+            gc.collect()
         if self.plan.extreme:
             for op in self.plan.ops:
                 for dtype in self.plan.extreme_dtypes:

@@ -9,6 +9,7 @@ bar on stderr, appends the records to ``--out`` and prints the table.
     keras-stable-heads bench                      # quick: about a minute, the current backend
     keras-stable-heads bench --full --backend all # everything, one process per backend
     keras-stable-heads bench --op sparse_softmax_ce --sizes 8192x1000,128k --backend jax,torch
+    keras-stable-heads bench --gpu --backend jax,torch --budget-s 240   # on a GPU (benchmarks/gpu_run.sh)
 """
 
 import argparse
@@ -54,9 +55,14 @@ def build_parser():
         prog="keras-stable-heads bench",
         description="Time the stable losses (each implementation the dispatcher can choose) against Keras's "
                     "built-ins, tf.nn, torch.nn.functional and optax; append records and print a table.")
-    parser.add_argument("--full", action="store_true",
-                        help="everything: 3 ops, sizes up to 8192x32000 and a 128k-class case, float32 and "
-                             "bfloat16, forward and forward+backward (default: a quick subset, about a minute)")
+    plans = parser.add_mutually_exclusive_group()
+    plans.add_argument("--full", action="store_true",
+                       help="everything: 3 ops, sizes up to 8192x32000 and a 128k-class case, float32 and "
+                            "bfloat16, forward and forward+backward (default: a quick subset, about a minute)")
+    plans.add_argument("--gpu", action="store_true",
+                       help="the GPU plan: sparse softmax CE at 16384x131072 and 8192x32000 (largest first), "
+                            "float32 and bfloat16, forward and forward+backward, then a small float32 sweep; "
+                            "runs on a CPU too (then with --sizes, as a dry run)")
     parser.add_argument("--backend", default=None,
                         help="tensorflow, jax, torch, a comma list, or all (default: the current Keras backend)")
     parser.add_argument("--op", default=None,
@@ -74,7 +80,11 @@ def build_parser():
                                                     "benchmarks/results/records.jsonl in the checkout)")
     parser.add_argument("--bandwidth-mib", type=int, default=512,
                         help="size of the buffer copied to measure memory bandwidth (default 512 MiB)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="seconds for the whole run, every backend together: what is left when they are spent "
+                             "is recorded as skipped (default: no limit)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--deadline", type=float, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--run-id", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     return parser
@@ -142,7 +152,7 @@ def _terminal_columns():
 
 def _plan(benchmarks, args):
     suite = benchmarks.suite
-    plan = suite.full_plan() if args.full else suite.quick_plan()
+    plan = suite.full_plan() if args.full else suite.gpu_plan() if args.gpu else suite.quick_plan()
     ops = _split(args.op, benchmarks.baselines.OPS, "op")
     sizes = suite.parse_sizes(args.sizes) if args.sizes else None
     dtypes = _split(args.dtypes, suite.DTYPES, "dtype")
@@ -155,7 +165,7 @@ def _plan(benchmarks, args):
     return plan
 
 
-def run_here(benchmarks, args, out, run_id):
+def run_here(benchmarks, args, out, run_id, deadline=None):
     """Run the plan on the current Keras backend in this process, appending records to ``out``."""
     import keras
 
@@ -163,12 +173,13 @@ def run_here(benchmarks, args, out, run_id):
     backend = keras.backend.backend()
     bar = ProgressBar(f"bench {backend}", enabled=not args.no_progress)
     runner = benchmarks.suite.Runner(plan, run_id=run_id, progress=bar, log=bar.write,
-                                     bandwidth_bytes=max(1, args.bandwidth_mib) << 20)
+                                     bandwidth_bytes=max(1, args.bandwidth_mib) << 20, deadline=deadline)
     context = runner.measure_context()
     bw = context["bandwidth"]
     bar.write(f"bench {backend}: {context['device_name']}; copy {bw['copy_1t_gbs']:.1f} GB/s (1 thread), "
               f"{bw['copy_threads_gbs'] or 0:.1f} GB/s ({bw['threads']} threads)"
-              + (f", device copy {bw['device_copy_gbs']:.0f} GB/s" if bw.get("device_copy_gbs") else ""))
+              + (f", device copy {bw['device_copy_gbs']:.0f} GB/s" if bw.get("device_copy_gbs") else "")
+              + (f"; {deadline.left():.0f} s of budget left" if deadline and deadline.at else ""))
     try:
         records = runner.run(sink=lambda batch: benchmarks.harness.append_records(out, batch))
     finally:
@@ -225,11 +236,14 @@ def main(argv=None):
         parser.error(str(error))
     out = os.path.abspath(args.out or benchmarks.suite.RECORDS)
     run_id = args.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
-    child_argv = _strip(argv, {"--backend", "--run-id", "--child", "--out"}) + ["--out", out]
+    # One deadline for every backend's process (the children get its absolute time).
+    deadline = benchmarks.harness.Deadline(args.budget_s, at=args.deadline)
+    child_argv = _strip(argv, {"--backend", "--run-id", "--child", "--out", "--budget-s", "--deadline"}) + \
+        ["--out", out] + (["--deadline", repr(deadline.at)] if deadline.at else [])
     status = 0
     for backend in backends:
         if backend == current:
-            run_here(benchmarks, args, out, run_id)
+            run_here(benchmarks, args, out, run_id, deadline)
         else:
             code = run_child(root, backend, child_argv, run_id)
             if code != 0:

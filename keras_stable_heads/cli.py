@@ -92,7 +92,8 @@ def main(argv=None):
     check.set_defaults(run=audit)
     # bench parses its own options (keras_stable_heads.bench): they pass through untouched.
     bench = commands.add_parser("bench", add_help=False, prefix_chars="+",
-                                help="benchmark the losses against the built-ins (bench -h for its options)")
+                                help="benchmark the losses against the built-ins; --gpu for the GPU plan (bench -h for "
+                                "its options)")
     bench.add_argument("options", nargs=argparse.REMAINDER)
     bench.set_defaults(run=run_bench)
     # demo: the default command (keras_stable_heads.demo, imported only when it runs).

@@ -94,3 +94,183 @@ def test_quick_run_writes_records(tmp_path, capsys):
     assert len({r["run_id"] for r in records}) == 1
     printed = capsys.readouterr().out
     assert "stable (auto)" in printed and "records appended" in printed
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The GPU plan, the time budget, the one schema for CPU and GPU records (all run on a CPU; no timing asserted)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _runner(benchmarks, plan, **kwargs):
+    return benchmarks.suite.Runner(plan, run_id="test", log=lambda message: None, **kwargs)
+
+
+def test_gpu_plan_runs_the_headline_size_first_then_the_sweep(benchmarks):
+    suite = benchmarks.suite
+    cases = _runner(benchmarks, suite.gpu_plan()).cases()
+    assert [(n, c) for _, n, c, _, _ in cases] == [*suite.GPU_SIZES, *suite.GPU_SWEEP_SIZES]
+    assert cases[0] == ("sparse_softmax_ce", 16384, 131072, ("float32", "bfloat16"), ("forward", "forward_backward"))
+    assert all(case[3:] == (("float32",), ("forward_backward",)) for case in cases[len(suite.GPU_SIZES):])
+    # sizes asked for replace the plan's, sweep included
+    plan = suite.gpu_plan().with_overrides(sizes=((8, 5), (16, 5)))
+    assert [(n, c) for _, n, c, _, _ in _runner(benchmarks, plan).cases()] == [(16, 5), (8, 5)]
+
+
+def test_large_inputs_repeat_a_seeded_block(benchmarks, monkeypatch):
+    suite = benchmarks.suite
+    small, _ = suite.make_inputs("sparse_softmax_ce", 4, 8, "random")
+    monkeypatch.setattr(suite, "TILE_ABOVE_BYTES", 64)
+    monkeypatch.setattr(suite, "TILE_BYTES", 4 * 8 * 4)  # blocks of 4 rows
+    logits, labels = suite.make_inputs("sparse_softmax_ce", 10, 8, "random")
+    assert logits.shape == (10, 8) and labels.shape == (10,) and labels.dtype == np.int32
+    np.testing.assert_array_equal(logits[:4], small)  # the first rows are the seeded draw (exactness uses them)
+    np.testing.assert_array_equal(logits[4:8], small)
+    np.testing.assert_array_equal(logits[8:], small[:2])
+
+
+def test_a_spent_budget_records_every_measurement_as_skipped(benchmarks):
+    suite = benchmarks.suite
+    plan = suite.quick_plan().with_overrides(sizes=((16, 5),), include=("stable/portable", "keras"),
+                                             extreme_size=(8, 5))
+    runner = _runner(benchmarks, plan, bandwidth_bytes=8 << 20, deadline=benchmarks.harness.Deadline(-1.0))
+    records = runner.run()
+    assert records and all(r["skipped"] == suite.SKIPPED_FOR_TIME for r in records)
+    assert {r["case"] for r in records} == {"random", "extreme"}
+    assert all(r["min"] is None and r["device_name"] for r in records)
+
+
+def test_gpu_plan_through_the_command_line(tmp_path):
+    out = tmp_path / "records.jsonl"
+    code = cli.main(["bench", "--gpu", "--sizes", "8x5,16x5", "--dtypes", "float32", "--modes", "forward_backward",
+                     "--impl", "stable/portable", "--reps", "2", "--no-extreme", "--bandwidth-mib", "8",
+                     "--budget-s", "600", "--no-progress", "--out", str(out)])
+    assert code == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    shapes = [r["shape"] for r in records]  # TensorFlow adds stable/portable+xla
+    assert shapes.index([16, 5]) < shapes.index([8, 5]) and len(shapes) in (2, 4)  # largest first
+    for r in records:
+        assert r["schema"] == 2 and r["source"] is None and r["skipped"] is None
+        assert r["device"] == "cpu" and r["bandwidth"]["device_copy_gbs"] is None  # the GPU paths stay off
+
+
+def test_git_commit_falls_back_to_the_environment(benchmarks, tmp_path, monkeypatch):
+    monkeypatch.setenv("KSH_BENCH_COMMIT", "abc1234")
+    assert benchmarks.harness.git_commit(str(tmp_path)) == ("abc1234", None)  # no git checkout there
+
+
+def _gpu_convert(benchmarks):
+    import importlib
+
+    return importlib.import_module(f"{benchmarks.__name__}.gpu_convert")
+
+
+def test_h200_records_converted_to_the_harness_schema(benchmarks):
+    harness, convert = benchmarks.harness, _gpu_convert(benchmarks)
+    records = convert.convert()
+    raw = [json.loads(line) for line in open(convert.RAW)]
+    assert len(records) == sum(1 for r in raw if "p50_ms" in r and r["op"] == "sparse_softmax_ce")
+    for r in records:
+        assert list(r) == list(harness.FIELDS) and r["schema"] == harness.SCHEMA_VERSION
+        assert r["device"] == "gpu" and r["device_name"] == "NVIDIA H200" and r["mode"] == "forward_backward"
+        source = raw[r["source"]["line"] - 1]
+        assert r["median"] == source["p50_ms"] and r["min"] is None and r["reps"] == source["iters"]
+        assert r["bytes"] == source["model_bytes"] and r["roofline_gbs"] == 4256.2
+        assert r["bandwidth_fraction"] == pytest.approx(source["pct_copy_bw"] / 100, abs=1e-3)
+        json.dumps(r, allow_nan=False)
+    assert {r["implementation"] for r in records} >= {"stable/numba_cuda", "stable/portable", "keras", "torch.F",
+                                                       "optax"}
+    # the committed file holds exactly this conversion (the converter is deterministic)
+    committed = [r for r in harness.load_records(convert.OUT) if r["run_id"] == convert.RUN_ID]
+    assert committed == json.loads(json.dumps(records))
+
+
+def _mixed_records(benchmarks):
+    """A few CPU records measured here and the converted H200 records: two devices in one file."""
+    harness, convert = benchmarks.harness, _gpu_convert(benchmarks)
+    cpu = []
+    for shape, impl, family, ms in (((8192, 32000), "stable/numba_cpu", "stable", 500.0),
+                                    ((8192, 32000), "keras", "builtin", 900.0),
+                                    ((256, 10), "stable/numba_cpu", "stable", 0.5), ((256, 10), "keras", "builtin", 0.4)):
+        for backend in ("jax", "torch"):
+            cpu.append(harness.make_record(
+                run_id="cpu", op="sparse_softmax_ce", implementation=impl, family=family, backend=backend,
+                device="cpu", device_name="Test CPU (2 cores)", dtype="float32", shape=list(shape), case="random",
+                mode="forward_backward", unit="ms", min=ms, median=ms, max=ms, reps=3, warmup=1,
+                bytes=12 * shape[0] * shape[1], roofline_gbs=20.0, auto_choice="numba_cpu"))
+    return cpu + convert.convert()
+
+
+def test_report_separates_devices(benchmarks, capsys, tmp_path):
+    report = benchmarks.report
+    records = _mixed_records(benchmarks)
+    table = report.format_speed(records)
+    assert "device" in table.splitlines()[0] and "NVIDIA H200" in table and "Test CPU" in table
+    assert "* median" in table  # the converted records have no min
+    path = tmp_path / "mixed.jsonl"
+    benchmarks.harness.append_records(str(path), records)
+    assert report.main(["--records", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "=== Test CPU (2 cores)" in printed and "=== NVIDIA H200" in printed
+    assert "converted from benchmarks/results/gpu_records_h200.jsonl" in printed
+
+
+def test_plot_draws_each_device_and_both_together(benchmarks, tmp_path):
+    pytest.importorskip("matplotlib")
+    import importlib
+
+    plot = importlib.import_module(f"{benchmarks.__name__}.plot")
+    path = tmp_path / "mixed.jsonl"
+    benchmarks.harness.append_records(str(path), _mixed_records(benchmarks))
+    assert plot.main(["--records", str(path), "--out", str(tmp_path)]) == 0
+    drawn = {p.name for p in tmp_path.glob("*.png")}
+    assert {"headline_devices.png", "headline_nvidia-h200.png", "headline_test-cpu-2-cores.png",
+            "sparse_softmax_ce_nvidia-h200.png"} <= drawn
+
+
+def test_gpu_collect_appends_a_run_once(benchmarks, tmp_path):
+    import importlib
+
+    collect = importlib.import_module(f"{benchmarks.__name__}.gpu_collect")
+    run = tmp_path / "out"
+    results = tmp_path / "results"
+    run.mkdir()
+    results.mkdir()
+    records = _gpu_convert(benchmarks).convert()[:3]
+    benchmarks.harness.append_records(str(run / "records.jsonl"), records)
+    (run / "profile.json").write_text(json.dumps({"device": "NVIDIA H200"}))
+    collect.collect(str(run), str(results))
+    collect.collect(str(run), str(results))  # the same run again: not appended twice
+    assert len((results / "gpu_harness_records.jsonl").read_text().splitlines()) == 3
+    assert (results / "gpu_profile_nvidia-h200.json").exists()
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="backend-independent: runs once, under torch")
+def test_gpu_profile_runs_on_the_cuda_simulator(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", KERAS_BACKEND="torch")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_profile.py"), "--simulate",
+                           "--rows", "2", "--classes", "40", "--out", str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    profile = json.loads((tmp_path / "profile.json").read_text())
+    assert profile["size"] == [2, 40]
+    for which in ("forward", "backward"):
+        assert profile["kernels"][which]["reps"] >= 1 and profile["kernels"][which]["bytes"] > 0
+    assert all(row["loss_max_abs_diff_vs_default"] == 0.0 for row in profile["sweep"]["rows"])
+    assert "top" in profile["steps"]["torch.F float32"]  # the profiler summary's code path, on CPU ops
+    assert profile["ncu_target"] is True and "found" in profile["ncu"]
+
+
+def test_gpu_run_script_parses():
+    import os
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    for script in ("gpu_run.sh", "gpu_prepare.sh"):
+        done = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
