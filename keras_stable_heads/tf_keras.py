@@ -1,5 +1,5 @@
-"""Every loss as a Keras 2 (``tf_keras``) ``Loss``, for models built with ``tf_keras`` or with ``tf.keras`` under
-``TF_USE_LEGACY_KERAS=1``.
+"""Every loss as a Keras 2 (``tf_keras``) ``Loss`` and every head as a ``tf_keras`` layer, for models built with
+``tf_keras`` or with ``tf.keras`` under ``TF_USE_LEGACY_KERAS=1``.
 
 >>> import os; os.environ["KERAS_BACKEND"] = "tensorflow"   # before the first ``import keras``
 >>> import tf_keras
@@ -28,11 +28,28 @@ the predictions (``_keras_mask``, e.g. from ``Masking`` or ``Embedding(mask_zero
   (tf_keras's own masking divides by each replica's count, which differs when replicas keep different numbers.)
 - ``"sum"`` / ``"none"``: the weighted sum / the per-entry losses, dropped entries 0.
 
+Heads. ``BinaryHead``, ``SoftmaxHead``, ``MultilabelHead``, ``GaussianHead``, ``LaplaceHead`` and ``Link`` are
+tf_keras layers, and :func:`inference_model` takes a tf_keras model:
+
+>>> from keras_stable_heads.tf_keras import SoftmaxHead, inference_model
+>>> head = SoftmaxHead(3)
+>>> model = tf_keras.Sequential([tf_keras.layers.Dense(8, activation="relu", input_shape=(4,)), head])
+>>> model.compile(optimizer="sgd", loss=head.loss(sparse=True))     # this module's StableSparseSoftmaxCE
+>>> served = inference_model(model)                                  # softmax probabilities, same weights
+
+Each is built from the Keras 3 class of the same name in :mod:`keras_stable_heads.heads` by one factory: that
+class's logic mixin from :mod:`keras_stable_heads._head_core` (arguments and their validation, width, the float32
+output, the smooth log-scale floor, link, config keys, loss names) in front of a tf_keras base, which gives it a
+``tf_keras.layers.Dense`` projection and this module's losses. Registered as ``"keras_stable_heads>ClassName"`` in
+tf_keras's registry, so a model with heads loads back from ``.keras``, ``.h5`` or a SavedModel without
+``custom_objects``.
+
 Keras 3's backend must be TensorFlow (``KERAS_BACKEND=tensorflow``): the ops are written in ``keras.ops``, which
 operate on tf tensors only under that backend.
 """
 
 import inspect
+import sys
 
 import keras
 
@@ -48,19 +65,14 @@ import tf_keras  # noqa: E402
 from keras.src.backend import get_keras_mask  # noqa: E402
 from tf_keras.src.utils import losses_utils  # noqa: E402
 
+from . import _head_core  # noqa: E402
+from . import heads as _heads  # noqa: E402
 from . import losses as _losses  # noqa: E402
+from ._backend import global_count_scale  # noqa: E402
 from ._export import PACKAGE  # noqa: E402
 
 # Constructor arguments that belong to the Loss base class, not to a loss's own options.
 _BASE_ARGUMENTS = ("self", "reduction", "name", "dtype")
-
-
-def _replica_mean(x):
-    """The mean of ``x`` over the replicas of the current ``tf.distribute`` step; ``x`` itself outside one."""
-    context = tf.distribute.get_replica_context()  # None in a cross-replica context, the default one without strategy
-    if context is None or context.num_replicas_in_sync == 1:
-        return x
-    return context.all_reduce(tf.distribute.ReduceOp.MEAN, x)
 
 
 class _TFKerasStableLoss(tf_keras.losses.Loss):
@@ -108,9 +120,25 @@ class _TFKerasStableLoss(tf_keras.losses.Loss):
                 mask = tf.cast(masks[0] if len(masks) == 1 else tf.logical_and(*masks), losses.dtype)
                 if reduction == tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE:
                     size = tf.cast(tf.size(mask), losses.dtype)
-                    mask = mask * tf.math.divide_no_nan(size, _replica_mean(tf.reduce_sum(mask)))
+                    weight = tf.math.divide_no_nan(size, tf.reduce_sum(mask))  # size / kept
+                    # Under a strategy, size / (mean over replicas of kept) == size / kept * kept / mean kept.
+                    scale = global_count_scale(mask)
+                    if scale is not None:
+                        weight = weight * tf.cast(scale, losses.dtype)
+                    mask = mask * weight
                 sample_weight = losses_utils.apply_mask(losses, sample_weight, tf.stop_gradient(mask))
             return losses_utils.compute_weighted_loss(losses, sample_weight, reduction=reduction)
+
+
+def _registered_twin(keras3_class, bases, namespace):
+    """A class on ``bases`` named and documented as ``keras3_class``, registered in tf_keras's registry."""
+    name = keras3_class.__name__
+    cls = type(name, bases, {
+        **namespace, "__module__": __name__, "__qualname__": name,
+        "__doc__": f"tf_keras version of :class:`keras_stable_heads.{name}` (see this module's docstring).\n\n"
+                   + (keras3_class.__doc__ or ""),
+    })
+    return tf_keras.saving.register_keras_serializable(package=PACKAGE)(cls)
 
 
 def _tf_keras_class(keras3_class):
@@ -135,14 +163,8 @@ def _tf_keras_class(keras3_class):
          inspect.Parameter("reduction", inspect.Parameter.KEYWORD_ONLY, default=tf_keras.losses.Reduction.AUTO),
          inspect.Parameter("name", inspect.Parameter.KEYWORD_ONLY, default=default_name)]
     )
-    name = keras3_class.__name__
-    cls = type(name, (_TFKerasStableLoss,), {
-        "__init__": __init__, "__module__": __name__, "__qualname__": name, "_keras3_class": keras3_class,
-        "_options": tuple(keras3_class._options),
-        "__doc__": f"tf_keras version of :class:`keras_stable_heads.{name}` (see this module's docstring).\n\n"
-                   + (keras3_class.__doc__ or ""),
-    })
-    return tf_keras.saving.register_keras_serializable(package=PACKAGE)(cls)
+    return _registered_twin(keras3_class, (_TFKerasStableLoss,), {
+        "__init__": __init__, "_keras3_class": keras3_class, "_options": tuple(keras3_class._options)})
 
 
 StableBinaryCE = _tf_keras_class(_losses.StableBinaryCE)
@@ -154,6 +176,76 @@ StableSoftmaxFocalCE = _tf_keras_class(_losses.StableSoftmaxFocalCE)
 GaussianNLL = _tf_keras_class(_losses.GaussianNLL)
 LaplaceNLL = _tf_keras_class(_losses.LaplaceNLL)
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Heads: the logic mixins of keras_stable_heads._head_core in front of tf_keras's Layer
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _TFKerasHead(_head_core.HeadLogic, tf_keras.layers.Layer):
+    """The tf_keras base of every head: a ``tf_keras.layers.Dense`` projection and this module's losses."""
+
+    _dense_class = tf_keras.layers.Dense
+    _loss_module = sys.modules[__name__]  # this module: the loss twins above, by the Keras 3 names
+
+    def build_from_config(self, config):
+        # Loading a .keras file builds the layer here, outside its name scope: enter it, so that the projection's
+        # weights get the names they had when the model was built ("head_name/kernel:0").
+        with tf.name_scope(self.name):
+            super().build_from_config(config)
+
+
+def _tf_keras_layer(keras3_class, base):
+    """The tf_keras layer with ``keras3_class``'s logic (its first base, a mixin of ``_head_core``) on ``base``."""
+    logic = keras3_class.__bases__[0]
+    if logic.__module__ != _head_core.__name__:
+        raise TypeError(f"{keras3_class.__name__}: its first base {logic.__name__} is not a mixin of "
+                        f"{_head_core.__name__}, so it has no logic to share with a tf_keras layer.")
+    return _registered_twin(keras3_class, (logic, base), {})
+
+
+Link = _tf_keras_layer(_heads.Link, tf_keras.layers.Layer)
+BinaryHead = _tf_keras_layer(_heads.BinaryHead, _TFKerasHead)
+SoftmaxHead = _tf_keras_layer(_heads.SoftmaxHead, _TFKerasHead)
+MultilabelHead = _tf_keras_layer(_heads.MultilabelHead, _TFKerasHead)
+GaussianHead = _tf_keras_layer(_heads.GaussianHead, _TFKerasHead)
+LaplaceHead = _tf_keras_layer(_heads.LaplaceHead, _TFKerasHead)
+
+
+def _inputs_and_outputs(model):
+    """The nested input and output tensors of a tf_keras functional or built Sequential model, or a clear error."""
+    if not isinstance(model, tf_keras.Model):
+        raise TypeError(f"Expected a tf_keras.Model, got {type(model).__module__}.{type(model).__name__} (for a "
+                        "Keras 3 model use keras_stable_heads.inference_model).")
+    if not getattr(model, "_is_graph_network", False):
+        if isinstance(model, tf_keras.Sequential):
+            raise ValueError(f"Sequential model '{model.name}' is not built: give its first layer an input_shape (or "
+                             "start it with tf_keras.Input) so that its outputs are known.")
+        raise TypeError(f"Model '{model.name}' ({type(model).__name__}) is subclassed: its layer graph is not known. "
+                        "inference_model needs a Sequential or functional model.")
+    return model._nested_inputs, model._nested_outputs
+
+
+_TF_KERAS = _head_core.Flavour(
+    head_base=_TFKerasHead, link_layer=Link, model_class=tf_keras.Model, graph=_inputs_and_outputs,
+    pass_through=tuple(getattr(tf_keras.layers, name) for name in _head_core.PASS_THROUGH_NAMES),
+)
+
+
+def inference_model(model, name=None):
+    """A tf_keras model with ``model``'s inputs and weights whose head outputs are passed through their links.
+
+    As :func:`keras_stable_heads.inference_model`, for a tf_keras Sequential (built) or functional model: each
+    output produced by a head (looking past dropout-like layers and into nested models) gets a :class:`Link`;
+    other outputs pass through unchanged; the layers are shared, not copied.
+
+    Args:
+        model: a ``tf_keras`` Sequential (built) or functional model with at least one output produced by a head.
+        name: the new model's name (default ``model.name + "_inference"``).
+    """
+    return _head_core.inference_model(model, name, _TF_KERAS)
+
+
 __all__ = [
     "GaussianNLL",
     "LaplaceNLL",
@@ -163,4 +255,11 @@ __all__ = [
     "StableSoftmaxCE",
     "StableSoftmaxFocalCE",
     "StableSparseSoftmaxCE",
+    "BinaryHead",
+    "GaussianHead",
+    "LaplaceHead",
+    "Link",
+    "MultilabelHead",
+    "SoftmaxHead",
+    "inference_model",
 ]
