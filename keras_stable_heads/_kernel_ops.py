@@ -1,13 +1,13 @@
 """Host side of the kernel paths: turn an op's options into one forward/backward pair of kernel calls.
 
 A pair closes over the kernel arguments and is handed to a backend bridge, which owns the tensors and allocates
-every buffer. Pairs compute on 2-D logits ``[N, C]`` and write a per-row loss plus saved per-row float32 values
-(the log-sum-exp for softmax ops) that the backward reads.
+every buffer. Pairs compute on 2-D logits ``[N, C]`` (for the regression NLLs, parameters ``[N, 2D]`` with
+targets ``[N, D]``) and write a per-row loss plus saved per-row float32 values ``[N, saved_width]`` that the
+backward reads (the log-sum-exp for softmax ops; unused by the elementwise ops).
 
 - :func:`cpu_pair` (Numba CPU, NumPy arrays): ``forward(logits, labels, loss_out, saved_out)`` and
-  ``backward(logits, labels, saved, dloss, grad_out)``; ``saved`` is float32 ``[N]``.
-- :func:`cuda_pair` (Numba CUDA, device arrays): the same with a trailing ``stream`` argument; ``saved`` is
-  float32 ``[N, saved_width]``.
+  ``backward(logits, labels, saved, dloss, grad_out)``.
+- :func:`cuda_pair` (Numba CUDA, device arrays): the same with a trailing ``stream`` argument.
 """
 
 import dataclasses
@@ -20,11 +20,32 @@ import numpy as np
 class KernelPair:
     forward: object
     backward: object
-    label_dtype: str  # "int32" (class ids [N]) or "float32" (labels [N, C])
+    label_dtype: str  # "int32" (class ids [N]) or "float32" (labels [N, label_width])
     saved_width: int = 1
+    label_width: int = None  # columns of float32 labels; None: as many as the logits
 
 
-OPS = ("sparse_softmax_ce", "softmax_ce", "sigmoid_ce")
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+    kernels: tuple  # (forward, backward) names, the same in the CPU package and the CUDA module
+    cuda_module: str
+    label_dtype: str = "float32"
+    cpu_saved: int = 1  # float32 values per row that the CPU forward saves; 0: its kernels take no saved buffer
+    half_labels: bool = False  # labels have half the logits' columns (location-scale parameters)
+
+
+_SPECS = {
+    "sparse_softmax_ce": _Spec(("softmax_ce_sparse_fwd", "softmax_ce_sparse_bwd"), "cuda_softmax_ce", "int32"),
+    "softmax_ce": _Spec(("softmax_ce_dense_fwd", "softmax_ce_dense_bwd"), "cuda_softmax_ce"),
+    "sigmoid_ce": _Spec(("sigmoid_ce_fwd", "sigmoid_ce_bwd"), "cuda_sigmoid_ce", cpu_saved=0),
+    "sigmoid_focal_ce": _Spec(("sigmoid_focal_fwd", "sigmoid_focal_bwd"), "cuda_sigmoid_ce", cpu_saved=0),
+    "softmax_focal_ce": _Spec(("softmax_focal_fwd", "softmax_focal_bwd"), "cuda_softmax_focal", cpu_saved=3),
+    "gaussian_nll": _Spec(("gaussian_nll_fwd", "gaussian_nll_bwd"), "cuda_nll", cpu_saved=0, half_labels=True),
+    "laplace_nll": _Spec(("laplace_nll_fwd", "laplace_nll_bwd"), "cuda_nll", cpu_saved=0, half_labels=True),
+}
+
+OPS = tuple(_SPECS)
+CUDA_MODULES = tuple(sorted({spec.cuda_module for spec in _SPECS.values()}))
 
 
 def _host_per_class(values, size):
@@ -43,6 +64,14 @@ def _device_per_class(values, size):
 
 def kernel_args(op, num_classes, options, per_class):
     """The kernels' trailing arguments for ``op`` with ``options``, and the labels' dtype."""
+    if op in ("gaussian_nll", "laplace_nll"):  # `full` adds its constant in the op, for every implementation
+        return (), "float32"
+    if op in ("sigmoid_focal_ce", "softmax_focal_ce"):
+        alpha = options.get("alpha")
+        gamma, eps = float(options.get("gamma", 2.0)), float(options.get("label_smoothing", 0.0))
+        if op == "softmax_focal_ce":  # alpha scales the row; None is 1
+            return (gamma, 1.0 if alpha is None else float(alpha), eps), "float32"
+        return (gamma, 0.0 if alpha is None else float(alpha), alpha is not None, eps), "float32"
     if op == "sigmoid_ce":
         missing = options.get("missing_label")
         args = (per_class(options.get("pos_weight"), num_classes), float(options.get("label_smoothing", 0.0)),
@@ -57,19 +86,17 @@ def kernel_args(op, num_classes, options, per_class):
     return args, "float32"
 
 
-_KERNEL_NAMES = {
-    "sparse_softmax_ce": ("softmax_ce_sparse_fwd", "softmax_ce_sparse_bwd"),
-    "softmax_ce": ("softmax_ce_dense_fwd", "softmax_ce_dense_bwd"),
-    "sigmoid_ce": ("sigmoid_ce_fwd", "sigmoid_ce_bwd"),
-}
+def _label_width(spec, num_classes):
+    return num_classes // 2 if spec.half_labels else num_classes
 
 
 def cpu_pair(op, num_classes, options):
     from . import kernels
 
+    spec = _SPECS[op]
     args, label_dtype = kernel_args(op, num_classes, options, _host_per_class)
-    fwd, bwd = (getattr(kernels, name) for name in _KERNEL_NAMES[op])
-    if op == "sigmoid_ce":  # the CPU sigmoid kernels keep nothing for the backward
+    fwd, bwd = (getattr(kernels, name) for name in spec.kernels)
+    if spec.cpu_saved == 0:  # the elementwise kernels keep nothing for the backward
 
         def forward(z, y, loss, saved):
             fwd(z, y, loss, *args)
@@ -77,36 +104,40 @@ def cpu_pair(op, num_classes, options):
         def backward(z, y, saved, dloss, grad):
             bwd(z, y, dloss, grad, *args)
 
-    else:
+    else:  # one saved value per row is a 1-D [N] array to the kernels, more a 2-D [N, width] one
+        shape = (lambda s: s.reshape(-1)) if spec.cpu_saved == 1 else (lambda s: s)
 
         def forward(z, y, loss, saved):
-            fwd(z, y, loss, saved, *args)
+            fwd(z, y, loss, shape(saved), *args)
 
         def backward(z, y, saved, dloss, grad):
-            bwd(z, y, saved, dloss, grad, *args)
+            bwd(z, y, shape(saved), dloss, grad, *args)
 
-    return KernelPair(forward, backward, label_dtype)
+    return KernelPair(forward, backward, label_dtype, max(spec.cpu_saved, 1), _label_width(spec, num_classes))
 
 
 def cuda_pair(op, num_classes, options, to_device=None, modules=None):
     """The CUDA pair. Tests override how per-class weights reach the device (``to_device``) and which kernel
-    modules run (``modules=(softmax, sigmoid)``, e.g. loaded under the CUDA simulator)."""
+    modules run (``modules``: a mapping from a name in ``CUDA_MODULES`` to that module, e.g. loaded under the
+    CUDA simulator)."""
+    spec = _SPECS[op]
     if modules is None:
-        from .kernels import cuda_sigmoid_ce
-        from .kernels import cuda_softmax_ce
+        import importlib
+
+        module = importlib.import_module(f".kernels.{spec.cuda_module}", __package__)
     else:
-        cuda_softmax_ce, cuda_sigmoid_ce = modules
+        module = modules[spec.cuda_module]
 
     if to_device is None:
         per_class = lambda values, size: _device_per_class(None if values is None else tuple(np.ravel(values)), size)  # noqa: E731
     else:
         per_class = lambda values, size: to_device(_host_per_class(values, size))  # noqa: E731
     args, label_dtype = kernel_args(op, num_classes, options, per_class)
-    module = cuda_sigmoid_ce if op == "sigmoid_ce" else cuda_softmax_ce
-    fwd, bwd = (getattr(module, name) for name in _KERNEL_NAMES[op])
+    fwd, bwd = (getattr(module, name) for name in spec.kernels)
     return KernelPair(
         forward=lambda z, y, loss, saved, stream: fwd(z, y, loss, saved, *args, stream=stream),
         backward=lambda z, y, saved, dloss, grad, stream: bwd(z, y, saved, dloss, grad, *args, stream=stream),
         label_dtype=label_dtype,
         saved_width=module.SAVED_WIDTH,
+        label_width=_label_width(spec, num_classes),
     )

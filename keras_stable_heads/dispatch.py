@@ -16,6 +16,9 @@ Choosing: the keyword ``implementation=`` of an op or loss wins, else the enviro
 ``KERAS_STABLE_HEADS_IMPLEMENTATION``, else ``"auto"``. A forced implementation that cannot run raises
 ``ValueError`` saying why; ``"auto"`` takes the first that can run and whose measured size threshold the input
 reaches, else the portable path. :func:`explain` returns the choice and the reason.
+
+Ops with kernels (``_kernel_ops.OPS``): softmax cross-entropy with integer and dense labels, sigmoid
+cross-entropy (binary and multi-label), sigmoid and softmax focal cross-entropy, Gaussian and Laplace NLL.
 """
 
 import dataclasses
@@ -40,6 +43,28 @@ NUMBA_MIN_ELEMENTS = {"jax": None, "torch": 0, "tensorflow": 1 << 16}
 # (512x10: 1.25 vs 1.89 ms; 16384x131072: 9.9 vs 103 ms), so always. JAX: XLA's fusion of the portable path
 # beats them at every size (16384x131072: 8.2 vs 10.5 ms), so "auto" never picks them there (None).
 NUMBA_CUDA_MIN_ELEMENTS = {"torch": 0, "jax": None}
+# The thresholds above are the cross-entropy ops'. The focal losses and the regression NLLs have their own, per
+# backend; a backend not listed (None) keeps the portable path under "auto" (the kernels run when requested).
+# Measured forward+backward, min of 5 short runs, 2-core AMD EPYC (Zen 3), portable / numba_cpu in ms:
+# - torch: focal at every size (sigmoid focal 256x10: 1.83 / 0.52, 65536x1: 5.09 / 1.20, 8192x100: 54.1 / 6.2;
+#   softmax focal 256x10: 1.08 / 0.61, 65536x10: 21.5 / 8.2, 8192x1000: 430 / 31); the NLLs lose below ~16k
+#   values (256x2: 0.40 / 0.56, 2048x8: 0.52 / 0.87) and win from 131,072 (65536x2: 1.21 / 0.85, 8192x128:
+#   5.8 / 2.0).
+# - tensorflow: all four lose or tie up to 65,536 logits (softmax focal 256x10: 1.27 / 1.87, sigmoid focal
+#   65536x1: 2.40 / 2.30, gaussian 2048x8: 1.05 / 1.82) and win from 131,072 (gaussian 65536x2: 3.05 / 2.40,
+#   softmax focal 2048x100: 5.29 / 3.66, 8192x1000: 212 / 40).
+# - jax: mixed (softmax focal 8192x1000: 101 / 24 but 65536x10: 6.3 / 6.7; everything at 256 rows 0.2-0.7x),
+#   so never automatic, as for the cross-entropy ops.
+_FROM_131072 = {"torch": 1 << 17, "tensorflow": 1 << 17, "jax": None}
+NUMBA_MIN_ELEMENTS_BY_OP = {
+    "sigmoid_focal_ce": {"torch": 0, "tensorflow": 1 << 17, "jax": None},
+    "softmax_focal_ce": {"torch": 0, "tensorflow": 1 << 17, "jax": None},
+    "gaussian_nll": _FROM_131072,
+    "laplace_nll": _FROM_131072,
+}
+# Not measured on a GPU: the portable path under "auto".
+NUMBA_CUDA_MIN_ELEMENTS_BY_OP = {}
+_MEASURED_OPS = frozenset({"sparse_softmax_ce", "softmax_ce", "sigmoid_ce"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +168,13 @@ class Implementation:
     ops: frozenset
     backends: frozenset
     devices: frozenset
-    min_elements: dict
+    min_elements: dict  # backend -> threshold for the ops in _MEASURED_OPS
+    min_elements_by_op: dict  # op -> {backend: threshold} for the others (none listed: never automatic)
+
+    def threshold(self, op):
+        """Logits from which "auto" picks this implementation for ``op`` here; None: never (not measured faster)."""
+        table = self.min_elements if op in _MEASURED_OPS else self.min_elements_by_op.get(op, {})
+        return table.get(_backend.BACKEND)
 
     def blocker(self, op, x):
         """Why this implementation cannot compute ``op`` on ``x`` here, or None if it can."""
@@ -171,10 +202,15 @@ _IMPORT_ERRORS = {}
 
 
 def _cuda_missing():
+    import importlib
+
     from numba import cuda
 
-    from .kernels import cuda_sigmoid_ce  # noqa: F401
+    from . import _kernel_ops
     from .kernels import cuda_softmax_ce
+
+    for module in _kernel_ops.CUDA_MODULES:
+        importlib.import_module(f".kernels.{module}", __package__)
 
     if cuda_softmax_ce.SIMULATED:
         return "Numba's CUDA simulator is enabled (NUMBA_ENABLE_CUDASIM)"
@@ -199,20 +235,25 @@ def _import_error(name):
     return _IMPORT_ERRORS[name]
 
 
+KERNEL_OPS = frozenset({"sparse_softmax_ce", "softmax_ce", "sigmoid_ce", "sigmoid_focal_ce", "softmax_focal_ce",
+                        "gaussian_nll", "laplace_nll"})
+
 REGISTRY = {
     "numba_cpu": Implementation(
         name="numba_cpu",
-        ops=frozenset({"sparse_softmax_ce", "softmax_ce", "sigmoid_ce"}),
+        ops=KERNEL_OPS,
         backends=frozenset({"tensorflow", "jax", "torch"}),
         devices=frozenset({"cpu"}),
         min_elements=NUMBA_MIN_ELEMENTS,
+        min_elements_by_op=NUMBA_MIN_ELEMENTS_BY_OP,
     ),
     "numba_cuda": Implementation(
         name="numba_cuda",
-        ops=frozenset({"sparse_softmax_ce", "softmax_ce", "sigmoid_ce"}),
+        ops=KERNEL_OPS,
         backends=frozenset({"jax", "torch"}),
         devices=frozenset({"gpu"}),
         min_elements=NUMBA_CUDA_MIN_ELEMENTS,
+        min_elements_by_op=NUMBA_CUDA_MIN_ELEMENTS_BY_OP,
     ),
 }
 
@@ -241,8 +282,11 @@ def choose(op, x, implementation=None):
     for impl in REGISTRY.values():
         blocker = impl.blocker(op, x)
         if blocker is None:
-            size, threshold = _elements(x), impl.min_elements.get(_backend.BACKEND, 0)
-            if threshold is None:
+            size, threshold = _elements(x), impl.threshold(op)
+            if threshold is None and op not in _MEASURED_OPS:
+                blocker = (f"{impl.name} was not measured faster than the portable path for {op} on "
+                           f"{_backend.BACKEND}: it runs only when requested")
+            elif threshold is None:
                 blocker = f"{impl.name} was measured slower than the portable path on {_backend.BACKEND}"
             elif size is not None and size < threshold:
                 blocker = f"{size} logits is below the measured threshold of {threshold} for {impl.name}"
@@ -270,7 +314,7 @@ def run(choice, op, logits, labels, options):
     if pair.label_dtype == "int32":
         y = keras.ops.reshape(keras.ops.cast(labels, "int32"), (-1,))
     else:
-        y = keras.ops.reshape(keras.ops.cast(labels, "float32"), (-1, num_classes))
+        y = keras.ops.reshape(keras.ops.cast(labels, "float32"), (-1, pair.label_width or num_classes))
     loss = _bridge(choice.implementation).run(pair, z, y)
     return keras.ops.reshape(loss, leading)
 

@@ -60,7 +60,8 @@ class StableBinaryCE(_StableLoss):
     Args:
         pos_weight: weight of the positive term (``torch``'s ``pos_weight``), a scalar or one per unit.
         label_smoothing: ``eps`` in [0, 1]; labels become ``(1 - eps) y + eps / 2``.
-        implementation: None/``"auto"``, ``"portable"`` or ``"numba_cpu"`` (see ``keras_stable_heads.dispatch``).
+        implementation: None/``"auto"``, ``"portable"``, ``"numba_cpu"`` or ``"numba_cuda"`` (see
+            ``keras_stable_heads.dispatch``).
         reduction, name, dtype: as ``keras.losses.Loss``.
 
     Example:
@@ -93,7 +94,8 @@ class StableSoftmaxCE(_StableLoss):
         z_loss: coefficient of ``logsumexp(z)^2`` (0 disables).
         logit_softcap: ``c > 0`` applies ``c * tanh(z / c)`` first; None disables.
         axis: the class axis.
-        implementation: None/``"auto"``, ``"portable"`` or ``"numba_cpu"`` (see ``keras_stable_heads.dispatch``).
+        implementation: None/``"auto"``, ``"portable"``, ``"numba_cpu"`` or ``"numba_cuda"`` (see
+            ``keras_stable_heads.dispatch``).
         reduction, name, dtype: as ``keras.losses.Loss``.
 
     Example:
@@ -195,14 +197,16 @@ class StableBinaryFocalCE(_StableLoss):
         gamma: focusing exponent >= 0.
         alpha: weight of the positive class in [0, 1], or None for no class balancing.
         label_smoothing: ``eps``; labels become ``(1 - eps) y + eps / 2``.
+        implementation: as ``StableBinaryCE``.
         reduction, name, dtype: as ``keras.losses.Loss``.
     """
 
-    _options = ("gamma", "alpha", "label_smoothing")
+    _options = ("gamma", "alpha", "label_smoothing", "implementation")
+    _kernel_op = "sigmoid_focal_ce"
 
-    def __init__(self, gamma=2.0, alpha=None, label_smoothing=0.0, reduction="sum_over_batch_size",
-                 name="stable_binary_focal_ce", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+    def __init__(self, gamma=2.0, alpha=None, label_smoothing=0.0, implementation=None,
+                 reduction="sum_over_batch_size", name="stable_binary_focal_ce", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype, implementation=implementation)
         self.gamma = check.non_negative("gamma", gamma)
         self.alpha = None if alpha is None else check.fraction("alpha", alpha)
         self.label_smoothing = check.fraction("label_smoothing", label_smoothing)
@@ -220,14 +224,16 @@ class StableSoftmaxFocalCE(_StableLoss):
         alpha: a non-negative scale, or None. ``gamma=0, alpha=None`` equals ``StableSoftmaxCE`` exactly.
         label_smoothing: ``eps`` in [0, 1].
         axis: the class axis.
+        implementation: as ``StableSoftmaxCE``.
         reduction, name, dtype: as ``keras.losses.Loss``.
     """
 
-    _options = ("gamma", "alpha", "label_smoothing", "axis")
+    _options = ("gamma", "alpha", "label_smoothing", "axis", "implementation")
+    _kernel_op = "softmax_focal_ce"
 
-    def __init__(self, gamma=2.0, alpha=None, label_smoothing=0.0, axis=-1, reduction="sum_over_batch_size",
-                 name="stable_softmax_focal_ce", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+    def __init__(self, gamma=2.0, alpha=None, label_smoothing=0.0, axis=-1, implementation=None,
+                 reduction="sum_over_batch_size", name="stable_softmax_focal_ce", dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype, implementation=implementation)
         self.gamma = check.non_negative("gamma", gamma)
         self.alpha = None if alpha is None else check.non_negative("alpha", alpha)
         self.label_smoothing = check.fraction("label_smoothing", label_smoothing)
@@ -243,17 +249,20 @@ class GaussianNLL(_StableLoss):
 
     Args:
         full: add the constant ``log(2 pi) / 2`` so the value is the true negative log-likelihood.
+        implementation: as ``StableBinaryCE``.
         reduction, name, dtype: as ``keras.losses.Loss``.
     """
 
-    _options = ("full",)
+    _options = ("full", "implementation")
+    _kernel_op = "gaussian_nll"
 
-    def __init__(self, full=False, reduction="sum_over_batch_size", name="gaussian_nll", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+    def __init__(self, full=False, implementation=None, reduction="sum_over_batch_size", name="gaussian_nll",
+                 dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype, implementation=implementation)
         self.full = bool(full)
 
     def call(self, y_true, y_pred):
-        return ops.gaussian_nll(y_pred, y_true, full=self.full)
+        return ops.gaussian_nll(y_pred, y_true, **self._op_options())
 
 
 @export
@@ -264,14 +273,17 @@ class LaplaceNLL(_StableLoss):
 
     Args:
         full: add the constant ``log 2``.
+        implementation: as ``StableBinaryCE``.
         reduction, name, dtype: as ``keras.losses.Loss``.
     """
 
-    _options = ("full",)
+    _options = ("full", "implementation")
+    _kernel_op = "laplace_nll"
 
-    def __init__(self, full=False, reduction="sum_over_batch_size", name="laplace_nll", dtype=None):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
+    def __init__(self, full=False, implementation=None, reduction="sum_over_batch_size", name="laplace_nll",
+                 dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype, implementation=implementation)
         self.full = bool(full)
 
     def call(self, y_true, y_pred):
-        return ops.laplace_nll(y_pred, y_true, full=self.full)
+        return ops.laplace_nll(y_pred, y_true, **self._op_options())

@@ -162,7 +162,8 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=N
         z_loss: coefficient of the z-loss ``lse^2`` (PaLM, Chowdhery et al. 2022); 0 disables it.
         logit_softcap: ``c > 0`` applies ``c * tanh(z / c)`` before the softmax (Gemma 2); ``-inf`` stays ``-inf``.
         axis: the class axis.
-        implementation: ``"auto"`` (default), ``"portable"`` or ``"numba_cpu"``; see :mod:`keras_stable_heads.dispatch`.
+        implementation: ``"auto"`` (default), ``"portable"``, ``"numba_cpu"`` or ``"numba_cuda"``; see
+            :mod:`keras_stable_heads.dispatch`.
 
     Returns:
         The per-example loss, shape ``logits.shape`` without ``axis``.
@@ -292,12 +293,14 @@ def _mark_labels(value, kept, invalid):
     return ops.where(kept, value, filler)
 
 
-def softmax_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_smoothing=0.0, axis=-1):
+def softmax_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_smoothing=0.0, axis=-1,
+                                implementation=None):
     """Softmax focal loss (Lin et al. 2017) computed in log space from logits.
 
     ``loss = -alpha sum_c y'_c (1 - p_c)^gamma log p_c`` with ``log p = z - lse`` and ``1 - p_c = -expm1(log p_c)``,
     so it never saturates: at ``gamma=0, alpha=None`` it equals :func:`softmax_cross_entropy` exactly.
     The gradient is ``alpha (y'_j h_j - p_j sum_c y'_c h_c)`` with ``h_c = (1-p_c)^gamma (gamma p_c log p_c / (1-p_c) - 1)``.
+    ``implementation``: as in :func:`softmax_cross_entropy`.
     """
     gamma = check.non_negative("gamma", gamma)
     alpha = check.number_or_none("alpha", alpha)
@@ -308,6 +311,10 @@ def softmax_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_
     logits = _class_axis_last(upcast(logits), axis)
     labels = _class_axis_last(ops.cast(ops.convert_to_tensor(labels), logits.dtype), axis)
     num_classes = _static_size(logits, "logits")
+    choice = dispatch.choose("softmax_focal_ce", logits, implementation)
+    if choice.implementation != "portable":
+        options = dict(gamma=gamma, alpha=alpha, label_smoothing=eps)
+        return dispatch.run(choice, "softmax_focal_ce", logits, labels, options)
     target = (1.0 - eps) * labels + eps / num_classes if eps else labels
 
     def forward(z):
@@ -449,12 +456,13 @@ def sigmoid_multilabel_cross_entropy(
     return _sigmoid_cross_entropy(logits, labels, pos_weight, eps, missing_label, label_reduction == "mean", implementation)
 
 
-def sigmoid_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_smoothing=0.0):
+def sigmoid_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_smoothing=0.0, implementation=None):
     """Binary focal loss (Lin et al. 2017) from logits, averaged over the last axis.
 
     ``loss = alpha_t (1 - p_t)^gamma BCE`` with ``1 - p_t = y' sigmoid(-z) + (1 - y') sigmoid(z)`` computed without
     cancellation and the BCE from softplus, so it never saturates. ``alpha_t = alpha y' + (1 - alpha)(1 - y')``
     when ``alpha`` is given. ``gamma=0, alpha=None`` equals :func:`sigmoid_binary_cross_entropy` exactly.
+    ``implementation``: as in :func:`softmax_cross_entropy`.
     """
     gamma = check.non_negative("gamma", gamma)
     alpha = check.number_or_none("alpha", alpha)
@@ -462,6 +470,11 @@ def sigmoid_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_
         alpha = check.fraction("alpha", alpha)
     eps = check.fraction("label_smoothing", label_smoothing)
     logits = upcast(logits)
+    choice = dispatch.choose("sigmoid_focal_ce", logits, implementation)
+    if choice.implementation != "portable":
+        options = dict(gamma=gamma, alpha=alpha, label_smoothing=eps)
+        labels = _same_rank(ops.convert_to_tensor(labels), logits)
+        return dispatch.run(choice, "sigmoid_focal_ce", logits, labels, options)
     y, _ = _sigmoid_labels(logits, labels, eps, None)
     alpha_t = None if alpha is None else alpha * y + (1.0 - alpha) * (1.0 - y)
 
@@ -510,9 +523,12 @@ def _location_scale(params, targets):
     return params, targets, dim
 
 
-def _location_scale_nll(params, targets, nll_and_grads):
+def _location_scale_nll(params, targets, nll_and_grads, op, implementation):
     """Shared driver: ``nll_and_grads(residual, inv_scale) -> (elementwise nll without log_scale, d/dloc, d/dlog_scale)``."""
     params, targets, dim = _location_scale(params, targets)
+    choice = dispatch.choose(op, params, implementation)
+    if choice.implementation != "portable":
+        return dispatch.run(choice, op, params, targets, {})
 
     def forward(x):
         loc, log_scale = x[..., :dim], x[..., dim:]
@@ -539,25 +555,27 @@ def _laplace_terms(residual, inv_scale):
     return a, -ops.sign(residual) * inv_scale, -a
 
 
-def gaussian_nll(y_pred, y_true, *, full=False):
+def gaussian_nll(y_pred, y_true, *, full=False, implementation=None):
     """Gaussian negative log-likelihood, averaged over the D targets of an example.
 
     ``y_pred`` is ``[mean, log_scale]`` concatenated on the last axis (``2 * D`` values, mean first) and
     ``loss = mean(log_scale + (y - mean)^2 / (2 exp(2 log_scale)))`` (+ ``log(2 pi) / 2`` with ``full=True``).
     With the scale fixed this is mean squared error up to constants; learning ``log_scale`` gives the spread.
     Floor ``log_scale`` (``GaussianHead`` does) so that ``exp(-log_scale)`` stays finite.
+    ``implementation``: as in :func:`softmax_cross_entropy`.
     """
-    loss = _location_scale_nll(y_pred, y_true, _gaussian_terms)
+    loss = _location_scale_nll(y_pred, y_true, _gaussian_terms, "gaussian_nll", implementation)
     # log N(y | m, s) = -log s - (y - m)^2 / 2 s^2 - log(2 pi) / 2
     return loss + 0.9189385332046727 if full else loss
 
 
-def laplace_nll(y_pred, y_true, *, full=False):
+def laplace_nll(y_pred, y_true, *, full=False, implementation=None):
     """Laplace negative log-likelihood (location = the median), averaged over the D targets of an example.
 
     ``y_pred`` is ``[location, log_scale]`` on the last axis and ``loss = mean(log_scale + |y - location| / scale)``
     (+ ``log 2`` with ``full=True``). With the scale fixed this is mean absolute error up to constants.
+    ``implementation``: as in :func:`softmax_cross_entropy`.
     """
-    loss = _location_scale_nll(y_pred, y_true, _laplace_terms)
+    loss = _location_scale_nll(y_pred, y_true, _laplace_terms, "laplace_nll", implementation)
     # log Laplace(y | m, b) = -log b - |y - m| / b - log 2
     return loss + 0.6931471805599453 if full else loss

@@ -44,3 +44,10 @@ CACHE_SUBDIR = ("keras_stable_heads", "numba")
 # rounds to 1e30). Rows with |lse| above this recompute max and log-sum in the backward (two more passes over
 # a row that is in cache) and use p = exp(z' - max) / sum.
 LSE_RECOMPUTE_ABOVE = np.float32(32.0)
+
+# Elementwise losses (sigmoid focal CE, the regression NLLs with one target) with at most FLAT_C_MAX entries per
+# row: a row is shorter than a vector (a binary head has C = 1), so each thread takes blocks of FLAT_BLOCK // C
+# whole rows and computes their entries as one flat, vectorized loop (into a per-thread stack buffer of
+# FLAT_BLOCK float32 = 4 KiB, in L1), then reduces or scales per row.
+FLAT_C_MAX = 32
+FLAT_BLOCK = 1024

@@ -55,43 +55,31 @@ SIMULATED = bool(_numba_config.ENABLE_CUDASIM)
 
 # ---------------------------------------------------------------------------------------------------------------
 # float32 elementary functions: libdevice on the GPU (math.* of a float32 is the float32 libdevice function);
-# under the simulator NumPy float32, which returns inf/NaN where Python's math module would raise.
+# under the simulator NumPy float32, which returns inf/NaN where Python's math module would raise. (expm1 and pow
+# serve the focal kernels.)
 # ---------------------------------------------------------------------------------------------------------------
 
-if SIMULATED:
 
-    def exp32(x):
-        with np.errstate(all="ignore"):
-            return _f32(np.exp(_f32(x)))
+def _elementary(numpy_fn, math_fn, arity=1):
+    """``math_fn`` as a device function on the GPU; ``numpy_fn`` in float32 with warnings off under the simulator."""
+    if SIMULATED:
 
-    def log32(x):
-        with np.errstate(all="ignore"):
-            return _f32(np.log(_f32(x)))
+        def simulated(*args):
+            with np.errstate(all="ignore"):
+                return _f32(numpy_fn(*(_f32(a) for a in args)))
 
-    def log1p32(x):
-        with np.errstate(all="ignore"):
-            return _f32(np.log1p(_f32(x)))
+        return simulated
+    if arity == 2:
+        return cuda.jit(device=True)(lambda x, y: math_fn(x, y))
+    return cuda.jit(device=True)(lambda x: math_fn(x))
 
-    def tanh32(x):
-        return _f32(np.tanh(_f32(x)))
 
-else:
-
-    @cuda.jit(device=True)
-    def exp32(x):
-        return math.exp(x)
-
-    @cuda.jit(device=True)
-    def log32(x):
-        return math.log(x)
-
-    @cuda.jit(device=True)
-    def log1p32(x):
-        return math.log1p(x)
-
-    @cuda.jit(device=True)
-    def tanh32(x):
-        return math.tanh(x)
+exp32 = _elementary(np.exp, math.exp)
+log32 = _elementary(np.log, math.log)
+log1p32 = _elementary(np.log1p, math.log1p)
+tanh32 = _elementary(np.tanh, math.tanh)
+expm1_32 = _elementary(np.expm1, math.expm1)
+pow32 = _elementary(np.power, math.pow, arity=2)
 
 
 @cuda.jit(device=True)
@@ -193,6 +181,13 @@ def _grad_elem(x, shift, d, k, target, cap, inv_cap, has_cap):
 
 
 @cuda.jit(device=True)
+def load_tile(a, row, j, jstep, out):
+    """out[k] = a[row, j + k jstep] as float32 for k < UNROLL: UNROLL loads in flight before any is used."""
+    for k in range(UNROLL):
+        out[k] = _f32(a[row, j + k * jstep])
+
+
+@cuda.jit(device=True)
 def _row_range(n, per_thread):
     """(row, first column, column step) of this thread; row >= n means nothing to do."""
     tid = cuda.threadIdx.x
@@ -231,8 +226,7 @@ def _sparse_fwd(z, labels, loss_out, saved_out, w, eps, z_loss, cap, ignore_clas
     ws = cuda.local.array(UNROLL, float32)
     # 1. stream the row: UNROLL loads in flight, then the online update of each
     while j + (UNROLL - 1) * jstep < c:
-        for k in range(UNROLL):
-            xs[k] = _f32(z[row, j + k * jstep])
+        load_tile(z, row, j, jstep, xs)
         for k in range(UNROLL):
             ws[k] = w[j + k * jstep] if track else ZERO
         for k in range(UNROLL):
@@ -315,8 +309,7 @@ def _sparse_bwd(z, labels, saved, dloss, grad_out, w, eps, z_loss, cap, ignore_c
     ay = g * (ONE - eps) * w[y]
     xs = cuda.local.array(UNROLL, float32)
     while j + (UNROLL - 1) * jstep < c:
-        for u in range(UNROLL):
-            xs[u] = _f32(z[row, j + u * jstep])
+        load_tile(z, row, j, jstep, xs)
         for u in range(UNROLL):
             jj = j + u * jstep
             target = ae * w[jj] if has_eps else ZERO
@@ -354,8 +347,7 @@ def _dense_fwd(z, labels, loss_out, saved_out, w, eps, z_loss, cap, per_thread):
     xs = cuda.local.array(UNROLL, float32)
     ws = cuda.local.array(UNROLL, float32)
     while j + (UNROLL - 1) * jstep < c:
-        for k in range(UNROLL):
-            xs[k] = _f32(z[row, j + k * jstep])
+        load_tile(z, row, j, jstep, xs)
         for k in range(UNROLL):
             jj = j + k * jstep
             ws[k] = w[jj] * (one_m_eps * _f32(labels[row, jj]) + eps_c)
@@ -410,10 +402,8 @@ def _dense_bwd(z, labels, saved, dloss, grad_out, w, eps, z_loss, cap, per_threa
     xs = cuda.local.array(UNROLL, float32)
     ys = cuda.local.array(UNROLL, float32)
     while j + (UNROLL - 1) * jstep < c:
-        for u in range(UNROLL):
-            xs[u] = _f32(z[row, j + u * jstep])
-        for u in range(UNROLL):
-            ys[u] = _f32(labels[row, j + u * jstep])
+        load_tile(z, row, j, jstep, xs)
+        load_tile(labels, row, j, jstep, ys)
         for u in range(UNROLL):
             jj = j + u * jstep
             target = g * (w[jj] * (one_m_eps * ys[u] + eps_c))
@@ -464,6 +454,14 @@ def launch(kernel, n, num_classes, stream, args, shared_per_thread):
         kernel[n, threads, stream, shared_per_thread * threads * 4](*args, False)
 
 
+def run_rows(kernel, arrays, scalars, stream, shared_per_thread, layout_of=0):
+    """Launch ``kernel(*arrays, *scalars, per_thread)`` with zero-copy device views of ``arrays``, over the rows
+    of ``arrays[layout_of]`` in the layout that suits its number of columns."""
+    views = tuple(as_device(a) for a in arrays)
+    n, c = views[layout_of].shape
+    launch(kernel, n, c, stream, views + tuple(scalars), shared_per_thread)
+
+
 def softmax_ce_sparse_fwd(logits, labels, loss_out, saved_out, class_weight, label_smoothing, z_loss, softcap,
                           ignore_class, has_ignore, stream=0):
     """Sparse softmax CE forward: writes loss_out[N] and saved_out[N, 3] = (shift, log_sum, W), float32.
@@ -472,34 +470,26 @@ def softmax_ce_sparse_fwd(logits, labels, loss_out, saved_out, class_weight, lab
     device; softcap: 0.0 for none; ignore_class is used only when has_ignore; stream: a Numba stream or 0.
     lse = saved_out[:, 0] + saved_out[:, 1].
     """
-    z = as_device(logits)
-    args = (z, as_device(labels), as_device(loss_out), as_device(saved_out), as_device(class_weight),
-            _f32(label_smoothing), _f32(z_loss), _f32(softcap), np.int64(ignore_class), bool(has_ignore))
-    launch(_sparse_fwd, z.shape[0], z.shape[1], stream, args, 4)
+    run_rows(_sparse_fwd, (logits, labels, loss_out, saved_out, class_weight),
+             (_f32(label_smoothing), _f32(z_loss), _f32(softcap), np.int64(ignore_class), bool(has_ignore)), stream, 4)
 
 
 def softmax_ce_sparse_bwd(logits, labels, saved, dloss, grad_out, class_weight, label_smoothing, z_loss, softcap,
                           ignore_class, has_ignore, stream=0):
     """Sparse softmax CE backward: writes grad_out[N, C] = dloss[:, None] * d loss / d logits (logits' dtype)."""
-    z = as_device(logits)
-    args = (z, as_device(labels), as_device(saved), as_device(dloss), as_device(grad_out), as_device(class_weight),
-            _f32(label_smoothing), _f32(z_loss), _f32(softcap), np.int64(ignore_class), bool(has_ignore))
-    launch(_sparse_bwd, z.shape[0], z.shape[1], stream, args, 0)
+    run_rows(_sparse_bwd, (logits, labels, saved, dloss, grad_out, class_weight),
+             (_f32(label_smoothing), _f32(z_loss), _f32(softcap), np.int64(ignore_class), bool(has_ignore)), stream, 0)
 
 
 def softmax_ce_dense_fwd(logits, labels2d, loss_out, saved_out, class_weight, label_smoothing, z_loss, softcap,
                          stream=0):
     """Dense-label softmax CE forward: writes loss_out[N] and saved_out[N, 3]; labels2d float32 [N, C]."""
-    z = as_device(logits)
-    args = (z, as_device(labels2d), as_device(loss_out), as_device(saved_out), as_device(class_weight),
-            _f32(label_smoothing), _f32(z_loss), _f32(softcap))
-    launch(_dense_fwd, z.shape[0], z.shape[1], stream, args, 4)
+    run_rows(_dense_fwd, (logits, labels2d, loss_out, saved_out, class_weight),
+             (_f32(label_smoothing), _f32(z_loss), _f32(softcap)), stream, 4)
 
 
 def softmax_ce_dense_bwd(logits, labels2d, saved, dloss, grad_out, class_weight, label_smoothing, z_loss, softcap,
                          stream=0):
     """Dense-label softmax CE backward: writes grad_out[N, C]."""
-    z = as_device(logits)
-    args = (z, as_device(labels2d), as_device(saved), as_device(dloss), as_device(grad_out), as_device(class_weight),
-            _f32(label_smoothing), _f32(z_loss), _f32(softcap))
-    launch(_dense_bwd, z.shape[0], z.shape[1], stream, args, 0)
+    run_rows(_dense_bwd, (logits, labels2d, saved, dloss, grad_out, class_weight),
+             (_f32(label_smoothing), _f32(z_loss), _f32(softcap)), stream, 0)

@@ -3,9 +3,12 @@
 Per entry, with ``ybar = (1 - eps) y + eps / 2`` and ``pw`` the positive weight of its label:
 
     elem = pw ybar softplus(-z) + (1 - ybar) softplus(z)          # -pw ybar log s(z) - (1 - ybar) log(1 - s(z))
-    d elem / dz = s(z) (pw ybar + 1 - ybar) - pw ybar
+    d elem / dz = (1 - ybar) s(z) - pw ybar s(-z)
 
 ``softplus(x) = max(x, 0) + log(1 + exp(-|x|))`` never overflows; both softplus share ``log(1 + exp(-|z|))``.
+The gradient is written with ``s(-z)``, not as ``s(z) (pw ybar + 1 - ybar) - pw ybar``: at ``z = 20, ybar = 1`` the
+latter rounds ``s(z) - 1`` to 0 in float32, while the exact value ``-s(-20) = -2.06e-9`` is tiny but not 0.
+``s(z)`` and ``s(-z)`` come from one ``exp(-|z|)`` (:func:`sigmoid_pair`).
 Entries whose label equals ``missing_label`` (with ``has_missing``) are dropped. The row loss is the sum over
 present entries, or (``mean_over_labels``) that sum divided by the number present, 0 when none is.
 """
@@ -14,17 +17,30 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import FASTMATH
-from ._simd import HALF, ONE, ZERO, log1p_exp_neg_abs, maxnum_f32, sigmoid_f32
+from ._simd import HALF, ONE, ZERO, exp_nonpos_f32, log1p_exp_neg_abs, maxnum_f32, select_f32
 
 _f32 = np.float32
 
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy")
-def _elem_loss(z, ybar, pw):
+def softplus_pair(z):
+    """(softplus(z), softplus(-z)) = (-log(1 - sigmoid(z)), -log sigmoid(z)), sharing log(1 + exp(-|z|))."""
     soft = log1p_exp_neg_abs(z)
-    # softplus(z) and softplus(-z) = log(1 - sigmoid(z)) and log sigmoid(z), negated.
-    sp_pos = maxnum_f32(z, ZERO) + soft
-    sp_neg = maxnum_f32(-z, ZERO) + soft
+    return maxnum_f32(z, ZERO) + soft, maxnum_f32(-z, ZERO) + soft
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def sigmoid_pair(z):
+    """(sigmoid(z), sigmoid(-z)) from one u = exp(-|z|): 1 / (1 + u) and u / (1 + u), neither 1 - the other."""
+    u = exp_nonpos_f32(-np.abs(z))
+    r = ONE / (ONE + u)
+    pos = z >= ZERO
+    return select_f32(pos, r, u * r), select_f32(pos, u * r, r)
+
+
+@njit(inline="always", fastmath=FASTMATH, error_model="numpy")
+def _elem_loss(z, ybar, pw):
+    sp_pos, sp_neg = softplus_pair(z)
     return pw * ybar * sp_neg + (ONE - ybar) * sp_pos
 
 
@@ -73,9 +89,10 @@ def _sigmoid_bwd_rows(logits, labels, dloss, grad_out, pos_weight, eps, missing,
             scale = scale / count if count > ZERO else ZERO
         for j in range(c):
             y = lab[j]
-            pwy = pos_weight[j] * (one_m_eps * y + eps_half)
             ybar = one_m_eps * y + eps_half
-            v = scale * (sigmoid_f32(row[j]) * (pwy + ONE - ybar) - pwy)
+            p, q = sigmoid_pair(row[j])
+            # (1 - ybar) s(z) - pw ybar s(-z): exact (-e^-z, not 0) for confident logits
+            v = scale * ((ONE - ybar) * p - pos_weight[j] * ybar * q)
             if has_missing and y == missing:
                 v = ZERO
             out[j] = v

@@ -23,16 +23,28 @@ KERNEL_OPS = [
     ("binary", ops.sigmoid_binary_cross_entropy, [{}, {"pos_weight": 2.0, "label_smoothing": 0.1}]),
     ("multilabel", ops.sigmoid_multilabel_cross_entropy,
      [{"missing_label": -1.0}, {"missing_label": -1.0, "pos_weight": "w", "label_reduction": "sum"}]),
+    ("sigmoid_focal", ops.sigmoid_focal_cross_entropy,
+     [{}, {"gamma": 0.5, "alpha": 0.25, "label_smoothing": 0.1}, {"gamma": 0.0}]),
+    ("softmax_focal", ops.softmax_focal_cross_entropy, [{}, {"gamma": 3.5, "alpha": 0.5, "label_smoothing": 0.1}]),
+    ("gaussian", ops.gaussian_nll, [{}, {"full": True}]),
+    ("laplace", ops.laplace_nll, [{}, {"full": True}]),
 ]
+# Relative tolerance of the loss values, numba_cpu against portable: float32 rounding, except that the focal
+# kernels take a fractional power as exp(frac * log x) where the backends call powf (a few ulp of frac * log x).
+VALUE_RTOL = {"sigmoid_focal": 1e-5, "softmax_focal": 1e-5}
 
 
 def _inputs(kind, shape, seed=0, extreme=False):
+    if kind in ("gaussian", "laplace"):
+        return _nll_inputs(shape, seed, extreme)
     rng = np.random.default_rng(seed)
     z = rng.normal(0, 3, shape).astype(np.float32)
     if extreme:
-        z.reshape(-1, shape[-1])[0, :2] = [1e4, -1e4]
-        z.reshape(-1, shape[-1])[1, :2] = [1e30, -1e30]
-        if kind in ("sparse", "dense"):
+        # rows 0 and 1 get +-1e4 and +-1e30 (one logit per row: down the first rows)
+        where = (slice(0, 2), 0) if shape[-1] == 1 else (0, slice(0, 2))
+        z.reshape(-1, shape[-1])[where] = [1e4, -1e4]
+        z.reshape(-1, shape[-1])[(slice(2, 4), 0) if shape[-1] == 1 else (1, slice(0, 2))] = [1e30, -1e30]
+        if kind in ("sparse", "dense", "softmax_focal"):
             z.reshape(-1, shape[-1])[2, 1:3] = -np.inf
     lead = shape[:-1]
     if kind == "sparse":
@@ -40,14 +52,37 @@ def _inputs(kind, shape, seed=0, extreme=False):
         y.reshape(-1)[2] = 0
         y.reshape(-1)[3] = -1
         return z, y
-    if kind == "dense":
+    if kind in ("dense", "softmax_focal"):
         y = np.eye(shape[-1], dtype=np.float32)[rng.integers(0, shape[-1], lead)]
         y.reshape(-1, shape[-1])[2] = np.eye(shape[-1])[0]
+        if kind == "softmax_focal":  # some probability vectors
+            soft = rng.dirichlet(np.ones(shape[-1]), lead).astype(np.float32)
+            y = np.where(rng.random(lead + (1,)) < 0.3, soft, y)
+            y.reshape(-1, shape[-1])[2] = np.eye(shape[-1])[0]
         return z, y
     y = rng.integers(0, 2, shape).astype(np.float32)
     if kind == "multilabel":
         y[rng.random(shape) < 0.2] = -1.0
+    if kind == "sigmoid_focal":
+        y = np.where(rng.random(shape) < 0.3, rng.random(shape), y).astype(np.float32)
+        if extreme:  # confidently right and wrong at +-20 (a tiny, exact gradient) and at +-inf
+            flat_z, flat_y = z.reshape(-1), y.reshape(-1)
+            flat_z[6:12] = [20.0, -20.0, np.inf, -np.inf, np.inf, -np.inf]
+            flat_y[6:12] = [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
     return z, y
+
+
+def _nll_inputs(shape, seed, extreme):
+    """[location, log_scale] parameters for D = shape[-1] targets, and the targets."""
+    rng = np.random.default_rng(seed)
+    d = shape[-1]
+    params = np.concatenate([rng.normal(0, 2, shape[:-1] + (d,)), rng.normal(0, 0.5, shape[:-1] + (d,))], -1)
+    targets = rng.normal(0, 2, shape[:-1] + (d,))
+    if extreme:  # a residual of 1e4 and of 1e30 (its square overflows: +inf), scales of e^30 and e^-10
+        flat_p, flat_t = params.reshape(-1, 2 * d), targets.reshape(-1, d)
+        flat_p[0, 0], flat_p[1, 0], flat_p[2, d], flat_p[3, d] = 1e4, 1e30, 30.0, -10.0
+        flat_t[3, 0] = flat_p[3, 0] + 1e-3
+    return params.astype(np.float32), targets.astype(np.float32)
 
 
 def _resolve(options, width):
@@ -65,8 +100,22 @@ def test_numba_path_equals_portable_path(kind, fn, option_sets, shape):
         results = [value_and_grad(lambda x: fn(x, y, implementation=impl, **options), z)
                    for impl in ("portable", "numba_cpu")]
         (v0, g0), (v1, g1) = results
-        np.testing.assert_allclose(v1, v0, rtol=2e-6, atol=1e-6, err_msg=str(options))
+        np.testing.assert_allclose(v1, v0, rtol=VALUE_RTOL.get(kind, 2e-6), atol=1e-6, err_msg=str(options))
         np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6, err_msg=str(options))
+
+
+@pytest.mark.parametrize("kind,shape", [("sigmoid_focal", (70000, 1)), ("gaussian", (65536 + 3, 1)),
+                                        ("laplace", (66000, 1))], ids=str)
+def test_numba_path_equals_portable_path_one_entry_per_row(kind, shape):
+    """One logit (a binary head) or one target per example: the kernels' flat layout, over >= 65,536 rows."""
+    fn = {"sigmoid_focal": ops.sigmoid_focal_cross_entropy, "gaussian": ops.gaussian_nll,
+          "laplace": ops.laplace_nll}[kind]
+    z, y = _inputs(kind, shape, seed=5, extreme=True)
+    options = {"gamma": 1.5, "alpha": 0.75} if kind == "sigmoid_focal" else {"full": True}
+    (v0, g0), (v1, g1) = [value_and_grad(lambda x: fn(x, y, implementation=impl, **options), z)
+                          for impl in ("portable", "numba_cpu")]
+    np.testing.assert_allclose(v1, v0, rtol=VALUE_RTOL.get(kind, 2e-6), atol=1e-6)
+    np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6)
 
 
 def test_numba_path_matches_reference_and_keeps_nan():
@@ -109,7 +158,18 @@ def test_auto_choice_uses_the_measured_threshold():
         assert dispatch.choose("sparse_softmax_ce", small).implementation == expected
         if expected == "portable":
             assert "threshold" in dispatch.choose("sparse_softmax_ce", small).reason
-    assert dispatch.choose("softmax_focal_ce", large).implementation == "portable"
+    # the focal losses and the NLLs: their own measured thresholds per backend (None: only when requested)
+    for op in ("sigmoid_focal_ce", "softmax_focal_ce", "gaussian_nll", "laplace_nll"):
+        threshold = dispatch.REGISTRY["numba_cpu"].threshold(op)
+        assert threshold == dispatch.NUMBA_MIN_ELEMENTS_BY_OP[op][BACKEND]
+        choice = dispatch.choose(op, large)
+        if threshold is None:
+            assert choice.implementation == "portable" and "not measured faster" in choice.reason, choice
+        else:
+            assert choice.implementation == "numba_cpu", choice
+            expected = "numba_cpu" if threshold <= 6 else "portable"
+            assert dispatch.choose(op, small).implementation == expected
+        assert dispatch.choose(op, large, "numba_cpu").implementation == "numba_cpu"
 
 
 def test_environment_variable_and_keyword(monkeypatch):
@@ -133,7 +193,13 @@ def test_explain_names_the_choice_and_reason():
     assert auto.implementation == ("portable" if dispatch.NUMBA_MIN_ELEMENTS[BACKEND] is None else "numba_cpu")
     assert "1024x1024" in str(auto) or "measured slower" in str(auto)
     assert ksh.explain(ksh.StableSparseSoftmaxCE(implementation="portable"), y, z).implementation == "portable"
-    assert "only the portable" in ksh.explain(ksh.GaussianNLL(), z[:, :1], z[:, :2]).reason
+    assert "only the portable" in ksh.explain(keras.losses.MeanSquaredError(), z, z).reason
+    assert ksh.explain(ksh.GaussianNLL(implementation="numba_cpu"), z[:, :1], z[:, :2]).implementation == "numba_cpu"
+    focal = ksh.explain(ksh.StableSoftmaxFocalCE(), z, z)
+    if dispatch.NUMBA_MIN_ELEMENTS_BY_OP["softmax_focal_ce"][BACKEND] is None:
+        assert focal.implementation == "portable" and "not measured faster" in focal.reason
+    else:
+        assert focal.implementation == "numba_cpu" and "1024x1024" in focal.reason
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -152,6 +218,40 @@ def test_fit_with_numba_path_equals_portable_path(jit_compile):
                       loss=ksh.StableSparseSoftmaxCE(label_smoothing=0.1, implementation=impl))
         histories.append(model.fit(x, y, epochs=3, batch_size=128, verbose=0, shuffle=False).history["loss"])
     np.testing.assert_allclose(histories[1], histories[0], rtol=1e-5)
+
+
+FIT_LOSSES = {  # (loss class and options, units, labels)
+    "binary_focal": (lambda impl: ksh.StableBinaryFocalCE(gamma=2.0, alpha=0.25, label_smoothing=0.1,
+                                                          implementation=impl), 3, "binary"),
+    "softmax_focal": (lambda impl: ksh.StableSoftmaxFocalCE(gamma=1.5, label_smoothing=0.1, implementation=impl), 40,
+                      "one_hot"),
+    "gaussian": (lambda impl: ksh.GaussianNLL(full=True, implementation=impl), 2, "real"),
+    "laplace": (lambda impl: ksh.LaplaceNLL(implementation=impl), 4, "real"),
+}
+
+
+@pytest.mark.parametrize("name", list(FIT_LOSSES))
+def test_fit_with_new_kernels_equals_portable_path(name):
+    """model.fit with each focal / NLL loss on its kernels: the same loss history as the portable path (ragged
+    last batch), and the model learns."""
+    make_loss, units, kind = FIT_LOSSES[name]
+    rng = np.random.default_rng(10)
+    x = rng.normal(size=(300, 8)).astype("float32")
+    signal = x[:, :1] * 2.0
+    if kind == "binary":
+        y = (x[:, :3] + 0.3 * rng.normal(size=(300, 3)) > 0).astype("float32")
+    elif kind == "one_hot":
+        y = np.eye(units, dtype="float32")[np.argmax(x[:, :4], axis=1)]
+    else:
+        y = (signal + 0.1 * rng.normal(size=(300, 1)) * np.ones((1, units // 2))).astype("float32")
+    histories = []
+    for impl in ("portable", "numba_cpu"):
+        keras.utils.set_random_seed(4)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(units)])
+        model.compile(optimizer=keras.optimizers.Adam(0.01), loss=make_loss(impl))
+        histories.append(model.fit(x, y, epochs=4, batch_size=128, verbose=0, shuffle=False).history["loss"])
+    np.testing.assert_allclose(histories[1], histories[0], rtol=1e-5)
+    assert histories[1][-1] < histories[1][0]
 
 
 def test_tensorflow_xla_context_falls_back():

@@ -10,14 +10,21 @@ Numba reads ``NUMBA_ENABLE_CUDASIM`` when ``numba`` is imported, which the CPU k
 
 The blocks are shrunk (BLOCK_THREADS = 64, ITEMS_PER_THREAD = 2, ROWS_PER_BLOCK = 8) so that tiny shapes cover
 several blocks, multi-step reductions, the unrolled streaming loop and its tail. The kernel modules are loaded
-from ``kernels/`` under a private package name without running ``kernels/__init__.py`` (no Keras, no CPU kernels).
+from ``kernels/`` under a private package name without running ``kernels/__init__.py`` (no CPU kernels), and run
+through ``keras_stable_heads._kernel_ops.cuda_pair``. The checks are shared with the CPU kernels (cases.py).
+
+The simulator runs Python, so it would accept code that Numba's CUDA target rejects (``min`` of two ints, say):
+``test_kernels_compile_to_ptx`` compiles every kernel for a real GPU (sm_90 PTX, through NVVM, which needs no GPU
+or driver) in a subprocess without the simulator.
 """
 
 import ctypes.util
+import dataclasses
 import importlib
 import os
 import subprocess
 import sys
+import textwrap
 import types
 
 import numpy as np
@@ -50,13 +57,16 @@ pytestmark = [
 ]
 
 
+_MODULES = ("cuda_softmax_ce", "cuda_sigmoid_ce", "cuda_softmax_focal", "cuda_nll")
+
+
 def _load():
     name = "_ksh_cuda_kernels"
     if name not in sys.modules:
         package = types.ModuleType(name)
         package.__path__ = [os.path.join(os.path.dirname(_TESTS), "kernels")]
         sys.modules[name] = package
-    return tuple(importlib.import_module(f"{name}.{m}") for m in ("cuda_softmax_ce", "cuda_sigmoid_ce", "_cuda_config"))
+    return {m: importlib.import_module(f"{name}.{m}") for m in _MODULES + ("_cuda_config",)}
 
 
 if _IN_SUBPROCESS:
@@ -64,12 +74,17 @@ if _IN_SUBPROCESS:
     def test_simulated_in_subprocess():
         env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
         done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-                              env=env, capture_output=True, text=True, timeout=600)
+                              env=env, capture_output=True, text=True, timeout=900)
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
 
-    S = G = CFG = None
+    MODULES = S = G = CFG = None
 else:
-    S, G, CFG = _load()
+    MODULES = _load()
+    S, G, CFG = MODULES["cuda_softmax_ce"], MODULES["cuda_sigmoid_ce"], MODULES["_cuda_config"]
+
+import cases  # noqa: E402
+from cases import FOCAL_OPTIONS, SOFTMAX_OPTIONS, opts_id, shape_id  # noqa: E402
+from cases import sigmoid_grad_closed_form, softmax_grad_closed_form, sparse_ybar  # noqa: E402,F401 (test_cuda_gpu)
 
 f32 = np.float32
 
@@ -83,7 +98,17 @@ def cuda_pair(op, num_classes, options, to_device=None):
     """keras_stable_heads._kernel_ops.cuda_pair over the kernel modules loaded here."""
     from keras_stable_heads import _kernel_ops
 
-    return _kernel_ops.cuda_pair(op, num_classes, options, to_device=to_device, modules=(S, G))
+    return _kernel_ops.cuda_pair(op, num_classes, options, to_device=to_device, modules=MODULES)
+
+
+def host_pair(op, num_classes, options, stream=0):
+    """cuda_pair with its stream bound, for NumPy arrays (the simulator's, or Numba's copies to a real GPU)."""
+    pair = cuda_pair(op, num_classes, options, to_device=np.asarray if SIMULATE else None)
+    return dataclasses.replace(pair, forward=lambda *a: pair.forward(*a, stream),
+                               backward=lambda *a: pair.backward(*a, stream))
+
+
+K = cases.Kernels(host_pair)
 
 
 @pytest.fixture(autouse=True)
@@ -100,110 +125,15 @@ def _small_blocks(monkeypatch, request):
     yield
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Helpers
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def sparse_run(z, y, w=None, eps=0.0, zl=0.0, cap=0.0, ignore=None, dloss=None, dtype=f32, stream=0):
-    z = np.ascontiguousarray(z, dtype=dtype)
-    n, c = z.shape
-    y = np.asarray(y, dtype=np.int32)
-    w = np.ones(c, f32) if w is None else np.asarray(w, f32)
-    dloss = np.ones(n, f32) if dloss is None else np.asarray(dloss, f32)
-    loss = np.full(n, 7.0, f32)
-    saved = np.full((n, S.SAVED_WIDTH), 7.0, f32)
-    grad = np.full((n, c), 7.0, dtype)
-    ig = -1 if ignore is None else ignore
-    S.softmax_ce_sparse_fwd(z, y, loss, saved, w, eps, zl, cap, ig, ignore is not None, stream)
-    S.softmax_ce_sparse_bwd(z, y, saved, dloss, grad, w, eps, zl, cap, ig, ignore is not None, stream)
-    return loss, saved[:, 0] + saved[:, 1], grad
-
-
-def dense_run(z, y, w=None, eps=0.0, zl=0.0, cap=0.0, dloss=None):
-    z = np.ascontiguousarray(z, dtype=f32)
-    n, c = z.shape
-    y = np.ascontiguousarray(y, dtype=f32)
-    w = np.ones(c, f32) if w is None else np.asarray(w, f32)
-    dloss = np.ones(n, f32) if dloss is None else np.asarray(dloss, f32)
-    loss = np.full(n, 7.0, f32)
-    saved = np.full((n, S.SAVED_WIDTH), 7.0, f32)
-    grad = np.full((n, c), 7.0, f32)
-    S.softmax_ce_dense_fwd(z, y, loss, saved, w, eps, zl, cap)
-    S.softmax_ce_dense_bwd(z, y, saved, dloss, grad, w, eps, zl, cap)
-    return loss, saved[:, 0] + saved[:, 1], grad
-
-
-def sigmoid_run(z, y, pw=None, eps=0.0, missing=None, mean=True, dloss=None):
-    z = np.ascontiguousarray(z, dtype=f32)
-    n, c = z.shape
-    y = np.ascontiguousarray(y, dtype=f32)
-    pw = np.ones(c, f32) if pw is None else np.asarray(pw, f32)
-    dloss = np.ones(n, f32) if dloss is None else np.asarray(dloss, f32)
-    loss = np.full(n, 7.0, f32)
-    saved = np.full((n, G.SAVED_WIDTH), 7.0, f32)
-    grad = np.full((n, c), 7.0, f32)
-    ms = 0.0 if missing is None else missing
-    G.sigmoid_ce_fwd(z, y, loss, saved, pw, eps, ms, missing is not None, mean)
-    G.sigmoid_ce_bwd(z, y, saved, dloss, grad, pw, eps, ms, missing is not None, mean)
-    return loss, grad
-
-
-def softmax_grad_closed_form(z, ybar, w, zl, cap, dloss):
-    """float64: dloss * softcap'(z) * (p (W + 2 zl lse) - w ybar), p from exp(z' - max) / sum."""
-    zp = ref.softcap(z, cap or None)
-    _, lse = ref.log_softmax(zp)
-    m = np.max(zp, axis=-1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(invalid="ignore"):
-        e = np.exp(zp - m)
-        p = e / np.sum(e, axis=-1, keepdims=True)
-    w = np.asarray(w, np.float64)
-    big_w = np.sum(w * ybar, axis=-1, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        slope = np.where(np.isneginf(zp), 0.0, 1.0 - (zp / cap) ** 2) if cap else 1.0  # 0 at a masked class
-    return np.asarray(dloss, np.float64)[:, None] * slope * (p * (big_w + 2.0 * zl * lse[:, None]) - w * ybar)
-
-
-def sparse_ybar(y, c, eps):
-    return (1.0 - eps) * np.eye(c)[y] + eps / c
-
-
-def sigmoid_grad_closed_form(z, y, pw, eps, present, mean, dloss):
-    z = np.asarray(z, np.float64)
-    ybar = (1.0 - eps) * np.asarray(y, np.float64) + 0.5 * eps
-    pwy = np.asarray(pw, np.float64) * ybar
-    g = 1.0 / (1.0 + np.exp(-z)) * (pwy + 1.0 - ybar) - pwy
-    g = np.where(present, g, 0.0)
-    scale = np.asarray(dloss, np.float64)
-    if mean:
-        count = present.sum(-1)
-        scale = np.where(count > 0, scale / np.maximum(count, 1), 0.0)
-    return scale[:, None] * g
-
-
 # (20, 10): thread per row, 3 blocks of 8 (the last partial), unrolled loop + tail;
 # (3, 300): block per row, 64 threads (6-step reduction), one unrolled tile of 256 + a tail of 44.
 SHAPES = [(20, 10), (3, 300)]
-OPTIONS = [  # (label_smoothing, class weights?, z_loss, softcap)
-    (0.0, False, 0.0, 0.0),
-    (0.1, True, 0.0, 0.0),
-    (0.0, False, 1e-3, 0.0),
-    (0.0, False, 0.0, 5.0),
-    (0.1, True, 1e-3, 5.0),
-]
-
-
-def _opts_id(o):
-    return f"eps{o[0]}-w{int(o[1])}-zl{o[2]}-cap{o[3]}"
-
-
-def _shape_id(s):
-    return f"{s[0]}x{s[1]}"
+SHORT_OPTIONS = [SOFTMAX_OPTIONS[i] for i in (0, 2, 3, 4, 6)]
+SHORT_FOCAL = [FOCAL_OPTIONS[i] for i in (0, 2, 5)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Host side: layouts and launch configuration
+# Host side: layouts, launch configuration, and code for a real GPU
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -228,139 +158,103 @@ def test_launch_grid_covers_many_rows():
     assert seen == [(70001, 64, 0, 4 * 64 * 4), ("z", False), (8751, 8, 0, 0), ("z", True)]
 
 
+_PTX_SCRIPT = textwrap.dedent("""
+    import importlib, os, re, sys, types
+    try:
+        from numba.cuda.cudadrv import nvvm
+        nvvm.NVVM()
+    except Exception as error:
+        print("no NVVM:", error)
+        sys.exit(77)
+    import numba.cuda.dispatcher
+    from numba import cuda, types as nt
+
+    class Device:  # device functions are compiled for the current device's compute capability: pretend an H100
+        compute_capability = (9, 0)
+
+    numba.cuda.dispatcher.get_current_device = lambda: Device()
+    package = types.ModuleType("_ksh_ptx")
+    package.__path__ = [sys.argv[1]]
+    sys.modules["_ksh_ptx"] = package
+    S, G, F, N = (importlib.import_module("_ksh_ptx." + m) for m in sys.argv[2].split(","))
+    f4, b, i8 = nt.float32, nt.boolean, nt.int64
+    a1, a2, i1 = nt.float32[::1], nt.float32[:, ::1], nt.int32[::1]
+    kernels = {
+        "sparse_fwd": (S._sparse_fwd, (a2, i1, a1, a2, a1, f4, f4, f4, i8, b, b)),
+        "sparse_bwd": (S._sparse_bwd, (a2, i1, a2, a1, a2, a1, f4, f4, f4, i8, b, b)),
+        "dense_fwd": (S._dense_fwd, (a2, a2, a1, a2, a1, f4, f4, f4, b)),
+        "dense_bwd": (S._dense_bwd, (a2, a2, a2, a1, a2, a1, f4, f4, f4, b)),
+        "sigmoid_fwd": (G._sigmoid_fwd, (a2, a2, a1, a2, a1, f4, f4, b, b, b)),
+        "sigmoid_bwd": (G._sigmoid_bwd, (a2, a2, a2, a1, a2, a1, f4, f4, b, b, b)),
+        "sigmoid_focal_fwd": (G._sigmoid_focal_fwd, (a2, a2, a1, a2, f4, f4, b, f4, b)),
+        "sigmoid_focal_bwd": (G._sigmoid_focal_bwd, (a2, a2, a2, a1, a2, f4, f4, b, f4, b)),
+        "softmax_focal_fwd": (F._softmax_focal_fwd, (a2, a2, a1, a2, f4, f4, f4, b)),
+        "softmax_focal_bwd": (F._softmax_focal_bwd, (a2, a2, a2, a1, a2, f4, f4, f4, b)),
+        "nll_fwd": (N._nll_fwd, (a2, a2, a1, b, b)),
+        "nll_bwd": (N._nll_bwd, (a2, a2, a1, a2, b, b)),
+    }
+    failed = []
+    for name, (kernel, signature) in kernels.items():
+        try:
+            ptx, _ = cuda.compile_ptx(kernel.py_func, signature, cc=(9, 0))
+        except Exception as error:
+            failed.append(f"{name}: {type(error).__name__}: {error}")
+            continue
+        if re.search(r"\\.f64", ptx):  # float32 kernels: float64 arithmetic would be an accidental promotion
+            failed.append(f"{name}: float64 instructions in the PTX")
+    print("\\n".join(failed) or f"{len(kernels)} kernels compiled")
+    sys.exit(1 if failed else 0)
+""")
+
+
+def test_kernels_compile_to_ptx():
+    """Every CUDA kernel compiles for a real GPU (the simulator runs Python and accepts code the CUDA target
+    rejects), in float32 only."""
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    kernels_dir = os.path.join(os.path.dirname(_TESTS), "kernels")
+    done = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, kernels_dir, ",".join(_MODULES)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    if done.returncode == 77:
+        pytest.skip(f"NVVM is not available: {done.stdout.strip()[-200:]}")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert "12 kernels compiled" in done.stdout
+
+
 # ---------------------------------------------------------------------------------------------------------------
-# Sparse softmax cross-entropy
+# Softmax cross-entropy (the checks are in cases.py, shared with the CPU kernels)
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-@pytest.mark.parametrize("opts", OPTIONS, ids=_opts_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("opts", SHORT_OPTIONS, ids=opts_id)
 def test_sparse_matches_reference(shape, opts):
-    eps, weighted, zl, cap = opts
-    n, c = shape
-    rng = np.random.default_rng(n * 1000 + c)
-    z = (rng.standard_normal(shape) * 4.0).astype(f32)
-    y = rng.integers(0, c, n)
-    y[-1] = c - 1  # label at the last class
-    w = (rng.random(c) + 0.5).astype(f32) if weighted else None
-    dloss = rng.standard_normal(n).astype(f32)
-    loss, lse, grad = sparse_run(z, y, w, eps, zl, cap, dloss=dloss)
-    want = ref.sparse_softmax_ce(z, y, label_smoothing=eps, class_weight=w, z_loss=zl, logit_softcap=cap or None)
-    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(lse, ref.log_softmax(ref.softcap(z, cap or None))[1], rtol=1e-6, atol=1e-6)
-    wv = np.ones(c) if w is None else w
-    want_grad = softmax_grad_closed_form(z, sparse_ybar(y, c, eps), wv, zl, cap, dloss)
-    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=2e-6)
+    cases.check_softmax_matches_reference(K, shape, opts, sparse=True)
 
 
-@pytest.mark.parametrize("shape", [(3, 5), (2, 40)], ids=_shape_id)
+@pytest.mark.parametrize("shape", [(3, 5), (2, 40)], ids=shape_id)
 def test_sparse_grad_matches_finite_differences(shape):
-    n, c = shape
-    rng = np.random.default_rng(c)
-    z = (rng.standard_normal(shape) * 2.0).astype(f32)
-    y = rng.integers(0, c, n)
-    w = (rng.random(c) + 0.5).astype(f32)
-    dloss = rng.standard_normal(n).astype(f32)
-    _, _, grad = sparse_run(z, y, w, 0.1, 1e-3, 5.0, dloss=dloss)
-    numeric = ref.numeric_grad(
-        lambda x: ref.sparse_softmax_ce(x, y, label_smoothing=0.1, class_weight=w, z_loss=1e-3, logit_softcap=5.0),
-        z, dloss)
-    np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-5)
+    cases.check_sparse_grad_finite_differences(K, shape, SOFTMAX_OPTIONS[6])
 
 
 @pytest.mark.parametrize("c", [10, 300])
 def test_sparse_extreme_inputs(c):
-    """One row per case, all in one batch, so a bad row cannot leak into its neighbours."""
-    rng = np.random.default_rng(7 + c)
-    base = rng.standard_normal(c).astype(f32)
-    masked = base.copy()
-    masked[1::2] = -np.inf
-    nan_row = base.copy()
-    nan_row[c // 2] = np.nan
-    cases = [
-        (base * 1e4, int(np.argmax(base))),         # 0: +-1e4, label at the max: loss ~ 0
-        (base * 1e4, int(np.argmin(base))),         # 1: +-1e4, label at the min: loss ~ 2e4
-        (np.where(base > 0, 1e30, -1e30), 0),       # 2: +-1e30
-        (masked, 0),                                # 3: -inf masks odd classes
-        (np.full(c, -np.inf), 0),                   # 4: all -inf
-        (nan_row, 0),                               # 5: NaN in
-        (base, c - 1),                              # 6: label at the last class
-        (base, -1),                                 # 7: out of range (low)
-        (base, c),                                  # 8: out of range (high)
-        (base + 1e4, 0),                            # 9: a common offset of 1e4 (|lse| large, spread small)
-    ]
-    z = np.stack([np.asarray(r, f32) for r, _ in cases])
-    y = np.array([label for _, label in cases])
-    loss, lse, grad = sparse_run(z, y)
-    safe_y = np.clip(y, 0, c - 1)
-    want = ref.sparse_softmax_ce(z, safe_y)
-    good = [0, 1, 2, 3, 6, 9]
-    # +-1e30: the float64 reference absorbs log(#classes at the max) into 1e30; the kernel keeps it (exact value)
-    k = int(np.sum(z[2] == z[2].max()))
-    want[2] = np.log(k) + (float(z[2].max()) - float(z[2, 0]))
-    np.testing.assert_allclose(loss[good], want[good], rtol=1e-5, atol=5e-3)
-    assert 0.0 <= loss[0] <= 1e-3
-    assert np.all(grad[3, 1::2] == 0.0)
-    assert lse[4] == -np.inf and loss[4] == np.inf and np.all(grad[4] == 0.0)
-    assert np.isnan(loss[5]) and np.all(np.isnan(grad[5]))
-    assert np.all(np.isnan(loss[7:9])) and np.all(np.isnan(grad[7:9]))
-    # the backward uses (shift, log_sum) kept apart: p exact to float32 rounding at |lse| = 1e4 and 1e30
-    want_grad = softmax_grad_closed_form(z[good], sparse_ybar(safe_y[good], c, 0.0), np.ones(c), 0.0, 0.0,
-                                         np.ones(len(good)))
-    np.testing.assert_allclose(grad[good], want_grad, rtol=1e-5, atol=2e-6)
-    np.testing.assert_allclose(grad[good].sum(-1), 0.0, atol=1e-5)
+    cases.check_sparse_extreme_inputs(K, c)
 
 
 @pytest.mark.parametrize("c", [10, 40])
 @pytest.mark.parametrize("opts", [(0.0, True, 1e-3, 5.0), (0.1, True, 1e-3, 5.0), (0.1, False, 0.0, 0.0)],
-                         ids=_opts_id)
+                         ids=opts_id)
 def test_sparse_masked_classes_with_options(c, opts):
-    """-inf classes with every option: softcap keeps them masked (grad exactly 0); with label smoothing the loss
-    is +inf (the smoothed target puts mass on a class of probability 0), as in the reference."""
-    eps, weighted, zl, cap = opts
-    rng = np.random.default_rng(c)
-    z = rng.standard_normal((4, c)).astype(f32)
-    z[:, 1::3] = -np.inf
-    y = np.array([0, 2, 0, c - 1 if (c - 1) % 3 != 1 else 0])
-    w = (rng.random(c) + 0.5).astype(f32) if weighted else None
-    loss, _, grad = sparse_run(z, y, w, eps, zl, cap)
-    want = ref.sparse_softmax_ce(z, y, label_smoothing=eps, class_weight=w, z_loss=zl, logit_softcap=cap or None)
-    if eps > 0:
-        assert np.all(loss == np.inf) and np.all(want == np.inf)
-    else:
-        np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
-    if cap > 0 or eps == 0:
-        assert np.all(grad[:, 1::3] == 0.0)
-    assert np.all(np.isfinite(grad))
+    cases.check_sparse_masked_classes_with_options(K, c, opts)
 
 
 @pytest.mark.parametrize("c", [10, 40])
 def test_sparse_ignore_class_and_bad_labels(c):
-    rng = np.random.default_rng(3)
-    n = 12
-    z = rng.standard_normal((n, c)).astype(f32)
-    y = rng.integers(0, c, n)
-    y[::3] = -100
-    y[1] = c  # out of range and not ignored
-    loss, lse, grad = sparse_run(z, y, eps=0.1, zl=1e-3, ignore=-100)
-    ignored = y == -100
-    assert np.all(loss[ignored] == 0.0) and np.all(lse[ignored] == 0.0) and np.all(grad[ignored] == 0.0)
-    assert np.isnan(loss[1]) and np.all(np.isnan(grad[1]))
-    keep = ~ignored & (y < c)
-    want = ref.sparse_softmax_ce(z[keep], y[keep], label_smoothing=0.1, z_loss=1e-3)
-    np.testing.assert_allclose(loss[keep], want, rtol=1e-5, atol=1e-6)
-    want_grad = softmax_grad_closed_form(z[keep], sparse_ybar(y[keep], c, 0.1), np.ones(c), 1e-3, 0.0,
-                                         np.ones(keep.sum()))
-    np.testing.assert_allclose(grad[keep], want_grad, rtol=1e-5, atol=2e-6)
+    cases.check_sparse_ignore_class(K, c, 12)
 
 
 def test_sparse_one_class():
-    z = np.array([[3.0], [-1e30], [-np.inf], [0.0]], f32)
-    loss, lse, grad = sparse_run(z, [0, 0, 0, 0])
-    np.testing.assert_array_equal(loss[[0, 1, 3]], 0.0)
-    assert loss[2] == np.inf and lse[2] == -np.inf
-    np.testing.assert_array_equal(grad, 0.0)
-    np.testing.assert_allclose(lse[[0, 1, 3]], [3.0, -1e30, 0.0])
+    cases.check_sparse_one_class(K)
 
 
 @pytest.mark.parametrize("c", [10, 40])
@@ -370,7 +264,7 @@ def test_sparse_float16_logits(c):
     z = (rng.standard_normal((6, c)) * 3.0).astype(np.float16)
     y = rng.integers(0, c, 6)
     dloss = rng.random(6).astype(f32)
-    loss, _, grad = sparse_run(z, y, eps=0.1, dloss=dloss, dtype=np.float16)
+    loss, _, grad = K.sparse(z, y, eps=0.1, dloss=dloss, dtype=np.float16)
     assert grad.dtype == np.float16
     np.testing.assert_allclose(loss, ref.sparse_softmax_ce(z, y, label_smoothing=0.1), rtol=1e-5, atol=1e-6)
     want_grad = softmax_grad_closed_form(z, sparse_ybar(y, c, 0.1), np.ones(c), 0.0, 0.0, dloss)
@@ -382,10 +276,11 @@ def test_sparse_on_a_stream():
         pytest.skip("the simulator's stream argument; real streams are covered by tests/test_cuda_gpu.py")
     from numba import cuda
 
+    stream = cuda.stream()
     rng = np.random.default_rng(4)
     z = rng.standard_normal((5, 40)).astype(f32)
     y = rng.integers(0, 40, 5)
-    loss, _, grad = sparse_run(z, y, stream=cuda.stream())
+    loss, _, grad = cases.Kernels(lambda op, c, o: host_pair(op, c, o, stream)).sparse(z, y)
     np.testing.assert_allclose(loss, ref.sparse_softmax_ce(z, y), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(grad.sum(-1), 0.0, atol=1e-6)
 
@@ -395,83 +290,24 @@ def test_sparse_on_a_stream():
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _dense_labels(rng, n, c):
-    y = rng.random((n, c))
-    y[y < 0.5] = 0.0  # zero target mass on about half of the classes
-    y[:, 0] += 0.1
-    return (y / y.sum(-1, keepdims=True)).astype(f32)
-
-
-@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
-@pytest.mark.parametrize("opts", [OPTIONS[0], OPTIONS[3], OPTIONS[4]], ids=_opts_id)
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("opts", [SOFTMAX_OPTIONS[0], SOFTMAX_OPTIONS[4], SOFTMAX_OPTIONS[6]], ids=opts_id)
 def test_dense_matches_reference(shape, opts):
-    eps, weighted, zl, cap = opts
-    n, c = shape
-    rng = np.random.default_rng(n * 7 + c)
-    z = (rng.standard_normal(shape) * 4.0).astype(f32)
-    y = _dense_labels(rng, n, c)
-    w = (rng.random(c) + 0.5).astype(f32) if weighted else None
-    dloss = rng.standard_normal(n).astype(f32)
-    loss, lse, grad = dense_run(z, y, w, eps, zl, cap, dloss=dloss)
-    want = ref.softmax_ce(z, y, label_smoothing=eps, class_weight=w, z_loss=zl, logit_softcap=cap or None)
-    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(lse, ref.log_softmax(ref.softcap(z, cap or None))[1], rtol=1e-6, atol=1e-6)
-    ybar = (1.0 - eps) * y.astype(np.float64) + eps / c
-    wv = np.ones(c) if w is None else w
-    np.testing.assert_allclose(grad, softmax_grad_closed_form(z, ybar, wv, zl, cap, dloss), rtol=1e-5, atol=2e-6)
+    cases.check_softmax_matches_reference(K, shape, opts, sparse=False)
 
 
 def test_dense_grad_matches_finite_differences():
-    rng = np.random.default_rng(5)
-    z = rng.standard_normal((2, 40)).astype(f32)
-    y = _dense_labels(rng, 2, 40)
-    w = (rng.random(40) + 0.5).astype(f32)
-    dloss = rng.standard_normal(2).astype(f32)
-    _, _, grad = dense_run(z, y, w, 0.1, 1e-3, 5.0, dloss=dloss)
-    numeric = ref.numeric_grad(lambda x: ref.softmax_ce(x, y, label_smoothing=0.1, class_weight=w, z_loss=1e-3,
-                                                        logit_softcap=5.0), z, dloss)
-    np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-5)
+    cases.check_dense_grad_finite_differences(K, (2, 40), SOFTMAX_OPTIONS[6])
 
 
 @pytest.mark.parametrize("c", [10, 40])
 def test_dense_equals_sparse_for_one_hot(c):
-    rng = np.random.default_rng(c)
-    z = (rng.standard_normal((4, c)) * 3.0).astype(f32)
-    y = rng.integers(0, c, 4)
-    w = (rng.random(c) + 0.5).astype(f32)
-    dloss = rng.random(4).astype(f32)
-    ls, es, gs = sparse_run(z, y, w, 0.1, 1e-3, 5.0, dloss=dloss)
-    ld, ed, gd = dense_run(z, np.eye(c, dtype=f32)[y], w, 0.1, 1e-3, 5.0, dloss=dloss)
-    np.testing.assert_allclose(ld, ls, rtol=2e-6, atol=1e-6)
-    np.testing.assert_allclose(ed, es, rtol=1e-6)
-    np.testing.assert_allclose(gd, gs, rtol=1e-5, atol=1e-7)
+    cases.check_dense_equals_sparse_for_one_hot(K, c, 4)
 
 
 @pytest.mark.parametrize("c", [10, 40])
 def test_dense_extreme_inputs(c):
-    rng = np.random.default_rng(c)
-    base = rng.standard_normal(c).astype(f32)
-    z = np.stack([base * 1e4, np.where(base > 0, 1e30, -1e30), base, base, np.full(c, -np.inf), base,
-                  base - 1e4]).astype(f32)
-    z[2, 1::2] = -np.inf  # masked classes with zero target mass: finite loss
-    z[3, 1] = -np.inf     # masked class with target mass: +inf
-    z[5, 2] = np.nan
-    y = np.zeros((7, c), f32)
-    y[:, 0] = 0.7
-    y[:, -1 if c % 2 == 1 else -2] += 0.3  # an even class, not masked in row 2
-    y[3, 1] = 0.2
-    loss, lse, grad = dense_run(z, y)
-    want = ref.softmax_ce(z, y)
-    top = z[1].max()
-    want[1] = np.sum(y[1] * ((np.float64(top) - z[1]) + np.log(np.sum(z[1] == top))))
-    np.testing.assert_allclose(loss[[0, 1, 2, 6]], want[[0, 1, 2, 6]], rtol=1e-5)
-    assert np.all(grad[2, 1::2] == 0.0) and np.all(np.isfinite(grad[[0, 1, 2, 6]]))
-    assert loss[3] == np.inf == want[3]
-    assert loss[4] == np.inf and lse[4] == -np.inf and np.all(grad[4] == 0.0)
-    assert np.isnan(loss[5]) and np.all(np.isnan(grad[5]))
-    rows = [0, 1, 2, 6]
-    want_grad = softmax_grad_closed_form(z[rows], y[rows].astype(np.float64), np.ones(c), 0.0, 0.0, np.ones(4))
-    np.testing.assert_allclose(grad[rows], want_grad, rtol=1e-5, atol=2e-6)
+    cases.check_dense_extreme_inputs(K, c)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,7 +315,7 @@ def test_dense_extreme_inputs(c):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("shape", [(20, 10), (3, 300), (11, 1)], ids=_shape_id)
+@pytest.mark.parametrize("shape", [(20, 10), (3, 300), (11, 1)], ids=shape_id)
 @pytest.mark.parametrize("eps,weighted,missing,mean", [
     (0.0, False, None, True),
     (0.1, True, None, False),
@@ -487,52 +323,63 @@ def test_dense_extreme_inputs(c):
     (0.1, False, -1.0, False),
 ])
 def test_sigmoid_matches_reference(shape, eps, weighted, missing, mean):
-    n, c = shape
-    rng = np.random.default_rng(n + c)
-    z = (rng.standard_normal(shape) * 4.0).astype(f32)
-    y = rng.integers(0, 2, shape).astype(f32)
-    y[0, 0] = 0.3  # soft label
-    if missing is not None:
-        y[rng.random(shape) < 0.3] = missing
-        y[-1] = missing  # a row with nothing present
-    pw = (rng.random(c) * 3.0 + 0.2).astype(f32) if weighted else None
-    dloss = rng.standard_normal(n).astype(f32)
-    loss, grad = sigmoid_run(z, y, pw, eps, missing, mean, dloss=dloss)
-    want = ref.multilabel_ce(z, y, pos_weight=1.0 if pw is None else pw, label_smoothing=eps,
-                             missing_label=missing, label_reduction="mean" if mean else "sum")
-    np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
-    present = np.ones(shape, bool) if missing is None else y != missing
-    want_grad = sigmoid_grad_closed_form(z, np.where(present, y, 0.0), np.ones(c) if pw is None else pw, eps,
-                                         present, mean, dloss)
-    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
-    if missing is not None:
-        assert loss[-1] == 0.0 and np.all(grad[-1] == 0.0) and np.all(grad[~present] == 0.0)
+    cases.check_sigmoid_matches_reference(K, shape, eps, weighted, missing, mean)
 
 
 def test_sigmoid_binary_ce_and_finite_differences():
-    rng = np.random.default_rng(2)
-    z = (rng.standard_normal((3, 40)) * 3.0).astype(f32)
-    y = rng.integers(0, 2, (3, 40)).astype(f32)
-    pw = (rng.random(40) + 0.5).astype(f32)
-    dloss = rng.standard_normal(3).astype(f32)
-    loss, grad = sigmoid_run(z, y, pw, 0.1, None, True, dloss=dloss)
-    np.testing.assert_allclose(loss, ref.binary_ce(z, y, pos_weight=pw, label_smoothing=0.1), rtol=1e-5)
-    numeric = ref.numeric_grad(lambda x: ref.binary_ce(x, y, pos_weight=pw, label_smoothing=0.1), z, dloss)
-    np.testing.assert_allclose(grad, numeric, rtol=1e-4, atol=1e-6)
+    cases.check_sigmoid_binary_ce_and_finite_differences(K, 40)
 
 
 def test_sigmoid_extreme_inputs():
-    z = np.array([[-30.0, 30.0, 1e4, -1e4, 1e30, -1e30, np.nan, 0.0]], f32)
-    y = np.array([[1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 1.0, 1.0]], f32)
-    loss, grad = sigmoid_run(z, y, mean=False)
-    assert np.isnan(loss[0]) and np.isnan(grad[0, 6])
-    np.testing.assert_allclose(grad[0, :6], [-1.0, 1.0, 0.0, 0.0, 1.0, -1.0], atol=1e-12)
-    assert grad[0, 7] == np.float32(-0.5)
-    loss2, _ = sigmoid_run(z[:, :6], y[:, :6], mean=False)
-    np.testing.assert_allclose(loss2, ref.sigmoid_bce_elementwise(z[:, :6], y[:, :6]).sum(-1), rtol=1e-6)
-    # a NaN logit in a missing entry is dropped with it
-    loss3, grad3 = sigmoid_run(z, np.where(np.isnan(z), -1.0, y), missing=-1.0, mean=True)
-    assert np.isfinite(loss3[0]) and grad3[0, 6] == 0.0
+    cases.check_sigmoid_extreme_inputs(K)
+
+
+def test_sigmoid_gradient_exact_for_confident_logits():
+    cases.check_sigmoid_gradient_exact_for_confident_logits(K)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Focal cross-entropy and regression NLLs
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(20, 10), (3, 300), (11, 1)], ids=shape_id)
+@pytest.mark.parametrize("options", SHORT_FOCAL, ids=opts_id)
+def test_sigmoid_focal_matches_reference(shape, options):
+    cases.check_sigmoid_focal_matches_reference(K, shape, options, rows=[0, shape[0] - 1])
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
+@pytest.mark.parametrize("options", SHORT_FOCAL, ids=opts_id)
+def test_softmax_focal_matches_reference(shape, options):
+    cases.check_softmax_focal_matches_reference(K, shape, options, rows=[0, shape[0] - 1])
+
+
+@pytest.mark.parametrize("shape", [(4, 7), (2, 40)], ids=shape_id)
+def test_focal_at_gamma_zero_equals_cross_entropy(shape):
+    cases.check_focal_at_gamma_zero_equals_cross_entropy(K, shape)
+
+
+@pytest.mark.parametrize("options", [{}, {"gamma": 0.5, "alpha": 0.25}, {"gamma": 0.0}], ids=opts_id)
+def test_sigmoid_focal_extreme_inputs(options):
+    cases.check_sigmoid_focal_extreme_inputs(K, options)
+
+
+@pytest.mark.parametrize("c", [10, 40])
+@pytest.mark.parametrize("options", [{}, {"gamma": 0.0}], ids=opts_id)
+def test_softmax_focal_extreme_inputs(c, options):
+    cases.check_softmax_focal_extreme_inputs(K, c, options)
+
+
+@pytest.mark.parametrize("op", ["gaussian_nll", "laplace_nll"])
+@pytest.mark.parametrize("rows,dim", [(20, 1), (20, 5), (3, 70)], ids=lambda v: str(v))
+def test_nll_matches_reference(op, rows, dim):
+    cases.check_nll_matches_reference(K, op, rows, dim)
+
+
+@pytest.mark.parametrize("op", ["gaussian_nll", "laplace_nll"])
+def test_nll_extreme_inputs(op):
+    cases.check_nll_extreme_inputs(K, op)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -560,7 +407,8 @@ def test_torch_bridge_glue(monkeypatch, dtype):
     z64 = rng.standard_normal((6, 40)) * 3.0
     y = rng.integers(0, 40, 6)
     dloss = rng.standard_normal(6)
-    pair = cuda_pair("sparse_softmax_ce", 40, {"label_smoothing": 0.1, "z_loss": 1e-3}, to_device=np.asarray if SIMULATE else None)
+    pair = cuda_pair("sparse_softmax_ce", 40, {"label_smoothing": 0.1, "z_loss": 1e-3},
+                     to_device=np.asarray if SIMULATE else None)
     z = torch.tensor(z64, dtype=getattr(torch, dtype), requires_grad=True)
     loss = bridge.run(pair, z, torch.tensor(y))
     (loss * torch.tensor(dloss, dtype=torch.float32)).sum().backward()

@@ -8,6 +8,7 @@ from jax.experimental.buffer_callback import buffer_callback
 
 def run(pair, logits, labels):
     rows = jax.ShapeDtypeStruct(logits.shape[:1], np.float32)
+    per_row = jax.ShapeDtypeStruct((logits.shape[0], pair.saved_width), np.float32)  # what the backward reads
 
     def forward_cb(ctx, out, z, y):
         loss, saved = out
@@ -16,7 +17,7 @@ def run(pair, logits, labels):
     def backward_cb(ctx, out, z, y, saved, dloss):
         pair.backward(np.asarray(z), np.asarray(y), np.asarray(saved), np.asarray(dloss), np.asarray(out))
 
-    forward_call = buffer_callback(forward_cb, (rows, rows))
+    forward_call = buffer_callback(forward_cb, (rows, per_row))
     backward_call = buffer_callback(backward_cb, jax.ShapeDtypeStruct(logits.shape, np.float32))
 
     return apply_with_kernel_vjp(forward_call, backward_call, logits, labels)

@@ -22,18 +22,18 @@ def run(pair, logits, labels):
     @tf.custom_gradient
     def op(z):
         def forward(z_np, y_np):
-            loss, saved = aligned_empty(z_np.shape[:1]), aligned_empty(z_np.shape[:1])
+            loss, saved = aligned_empty(z_np.shape[:1]), aligned_empty((z_np.shape[0], pair.saved_width))
             pair.forward(np.ascontiguousarray(z_np), np.ascontiguousarray(y_np), loss, saved)
             return loss, saved
 
         loss, saved = tf.numpy_function(forward, [z, labels], [tf.float32, tf.float32], stateful=False)
         loss.set_shape(z.shape[:1])
-        saved.set_shape(z.shape[:1])
+        saved.set_shape(z.shape[:1].concatenate([pair.saved_width]))
 
         def grad(dloss):
             def backward(z_np, y_np, saved_np, dloss_np):
                 out = aligned_empty(z_np.shape)
-                pair.backward(np.ascontiguousarray(z_np), np.ascontiguousarray(y_np), saved_np,
+                pair.backward(np.ascontiguousarray(z_np), np.ascontiguousarray(y_np), np.ascontiguousarray(saved_np),
                               np.ascontiguousarray(dloss_np, np.float32), out)
                 return out
 

@@ -9,7 +9,7 @@ class _KernelFunction(torch.autograd.Function):
         z = logits.detach().contiguous()
         y = labels.detach().contiguous()
         loss = torch.empty(z.shape[0], dtype=torch.float32)
-        saved = torch.empty(z.shape[0], dtype=torch.float32)
+        saved = torch.empty((z.shape[0], pair.saved_width), dtype=torch.float32)
         pair.forward(z.numpy(), y.numpy(), loss.numpy(), saved.numpy())
         ctx.save_for_backward(z, y, saved)
         ctx.pair = pair
