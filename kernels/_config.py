@@ -27,11 +27,6 @@ SMALL_C_MAX_BWD = 12
 # stays in L1 between the passes over it.
 ROW_BLOCK = 64
 
-# float32 exp (exp_f32): inputs above EXP_HI overflow to +inf; below EXP_LO the result is under half the
-# smallest denormal and rounds to 0; between EXP_LO and -87.34 the result is a denormal.
-EXP_HI = np.float32(88.72283935546875)
-EXP_LO = np.float32(-103.97208404541016)
-
 # tanh: below this |x| a Cephes odd polynomial is used; above it 1 - 2 / (exp(2|x|) + 1), which has no
 # cancellation there.
 TANH_POLY_MAX = np.float32(0.625)

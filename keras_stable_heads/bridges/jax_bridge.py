@@ -5,6 +5,8 @@ import jax
 import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 
+from ._memory import advise_huge_pages
+
 
 def run(pair, logits, labels):
     rows = jax.ShapeDtypeStruct(logits.shape[:1], np.float32)
@@ -15,7 +17,9 @@ def run(pair, logits, labels):
         pair.forward(np.asarray(z), np.asarray(y), np.asarray(loss), np.asarray(saved))
 
     def backward_cb(ctx, out, z, y, saved, dloss):
-        pair.backward(np.asarray(z), np.asarray(y), np.asarray(saved), np.asarray(dloss), np.asarray(out))
+        grad = np.asarray(out)
+        advise_huge_pages(grad)  # XLA's fresh output buffer is not yet written: see _memory.py
+        pair.backward(np.asarray(z), np.asarray(y), np.asarray(saved), np.asarray(dloss), grad)
 
     forward_call = buffer_callback(forward_cb, (rows, per_row))
     backward_call = buffer_callback(backward_cb, jax.ShapeDtypeStruct(logits.shape, np.float32))

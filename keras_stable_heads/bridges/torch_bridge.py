@@ -2,6 +2,8 @@
 
 import torch
 
+from ._memory import advise_huge_pages
+
 
 class _KernelFunction(torch.autograd.Function):
     @staticmethod
@@ -19,7 +21,9 @@ class _KernelFunction(torch.autograd.Function):
     def backward(ctx, dloss):
         z, y, saved = ctx.saved_tensors
         grad = torch.empty_like(z)
-        ctx.pair.backward(z.numpy(), y.numpy(), saved.numpy(), dloss.detach().contiguous().numpy(), grad.numpy())
+        out = grad.numpy()
+        advise_huge_pages(out)  # torch's allocator maps fresh pages: see _memory.py
+        ctx.pair.backward(z.numpy(), y.numpy(), saved.numpy(), dloss.detach().contiguous().numpy(), out)
         return grad, None, None
 
 
