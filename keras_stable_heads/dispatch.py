@@ -32,14 +32,19 @@ ENV_VAR = "KERAS_STABLE_HEADS_IMPLEMENTATION"
 CHOICES = ("auto", "portable", "numba_cpu", "numba_cuda")
 
 # The automatic choice uses the Numba CPU path from this many logits up (N * C), per backend; None: never.
-# Measured with `keras-stable-heads bench --backend all` (benchmarks/results/records.jsonl; the 2-core CPU box,
-# loaded): torch's portable path pays ~1 ms of eager-op overhead even at 256x10 while the bridge costs ~0.1 ms,
-# so always; on JAX the buffer-callback path lost to optax/XLA at every size but the largest (65536x10: 19.9 vs
-# 3.3 ms; 8192x1000: 31.9 vs 16.9 ms), so never by default; TensorFlow from 65536 logits (8192x1000: 23.6 vs
-# tf.nn's 78.5 ms; 65536x10: 6.2 vs 4.8 ms).
-NUMBA_MIN_ELEMENTS = {"jax": None, "torch": 0, "tensorflow": 1 << 16}
-# The same for the CUDA kernels on a GPU, measured with benchmarks/gpu_cuda_check.py on an H200
-# (benchmarks/results/gpu_records_h200.jsonl). torch: the kernels beat the portable path at every size measured
+# Measured forward+backward with `keras-stable-heads bench --full --backend all` on the quiet 2-core AMD EPYC
+# (Zen 3) box, run 20261126T102413Z-78c8cd in benchmarks/results/records.jsonl (min ms, numba_cpu vs portable):
+# - torch: the kernels win at every size (256x10: 0.50 vs 1.33, its eager portable path pays ~1 ms of op
+#   overhead; 8192x1000: 9.1 vs 224), so always.
+# - TensorFlow (tf.function, no XLA; under XLA the portable path is forced): portable at 256x10 (0.59 vs 0.81),
+#   the kernels from 65536x10 (4.0 vs 10.0) up, so from 65536 logits.
+# - JAX: XLA's own fusion of the portable path and optax win up to 8192x1000 (optax 6.8 / numba 8.4 / portable
+#   27.5), the kernels from 4096x32000 (169 vs optax 349 and portable 359; 8192x32000: 334 vs 745 / 768;
+#   2048x131072: 444 vs 849 / 1980) since the bridge advises huge pages for the gradient buffer. The threshold
+#   2^25 lies between 8.2M (loses) and 131M logits (wins); sizes in between were not measured.
+NUMBA_MIN_ELEMENTS = {"jax": 1 << 25, "torch": 0, "tensorflow": 1 << 16}
+# The same for the CUDA kernels on a GPU, measured on an H200 by the script later folded into the harness
+# (benchmarks/results/gpu_harness_records.jsonl). torch: the kernels beat the portable path at every size measured
 # (512x10: 1.25 vs 1.89 ms; 16384x131072: 9.9 vs 103 ms), so always. JAX: XLA's fusion of the portable path
 # beats them at every size (16384x131072: 8.2 vs 10.5 ms), so "auto" never picks them there (None).
 NUMBA_CUDA_MIN_ELEMENTS = {"torch": 0, "jax": None}
