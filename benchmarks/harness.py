@@ -341,20 +341,10 @@ def append_records(path, records):
 
 def load_records(path, run_id=None):
     """The records in ``path`` (all, or those of one ``run_id``); lines that are not JSON are skipped.
-    ``path`` may be a list of files (read in order; missing files give no records)."""
-    records = []
-    for one in [path] if isinstance(path, (str, os.PathLike)) else path:
-        if not os.path.exists(one):
-            continue
-        with open(one) as f:
-            for line in f:
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if run_id is None or record.get("run_id") == run_id:
-                    records.append(record)
-    return records
+    ``path`` may be a list of files (read in order; missing files give no records). The reader itself lives in
+    report.py, which must stay standard-library only."""
+    try:
+        from . import report
+    except ImportError:  # imported as a top-level module by the scripts that put benchmarks/ on sys.path
+        import report
+    return report.load(path, run_id)
