@@ -58,7 +58,7 @@ def _measure_backend(args):
         model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=loss)
         harness.reset_peak_rss()
         stats, _ = harness.measure(lambda: model.train_on_batch(x, y), warmup=2, reps=args.reps)
-        first = float(model.evaluate(x, y, verbose=0, batch_size=args.rows))
+        final = float(model.evaluate(x, y, verbose=0, batch_size=args.rows))
         choice = explain(loss, y, model(x)).implementation if name.startswith("stable") else None
         records.append(harness.make_record(
             **common, implementation=name, family="stable" if name.startswith("stable") else "builtin",
@@ -66,7 +66,7 @@ def _measure_backend(args):
             auto_choice=choice,
             loss_error=None, grad_error=None, skipped=None))
         print(f"  {backend:>10} {name:>12}: min {stats.min * 1e3:8.1f} ms  median {stats.median * 1e3:8.1f} ms"
-              f"  (loss after {stats.reps + stats.warmup} steps {first:.4f})", flush=True)
+              f"  (loss after {stats.reps + stats.warmup} steps {final:.4f})", flush=True)
     harness.append_records(args.out, records)
     return records
 

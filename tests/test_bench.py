@@ -274,3 +274,28 @@ def test_gpu_run_script_parses():
     for script in ("gpu_run.sh", "gpu_prepare.sh"):
         done = subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+
+
+def test_train_step_script_records_both_losses(tmp_path):
+    """benchmarks/train_step.py on a tiny model: one record per loss, same training, what "auto" picked."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "train.jsonl"
+    backend = keras.backend.backend()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "train_step.py"), "--backend", backend,
+                             "--rows", "64", "--classes", "50", "--features", "8", "--reps", "1", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["implementation"] for r in records] == ["stable/auto", "keras"]
+    for r in records:
+        assert r["mode"] == "train_step" and r["backend"] == backend and r["shape"] == [64, 50]
+        assert 0 < r["min"] <= r["median"] <= r["max"] and r["reps"] == 1
+    from keras_stable_heads import dispatch
+
+    threshold = dispatch.NUMBA_MIN_ELEMENTS[backend]  # 64 x 50 logits against the measured threshold
+    expected = "numba_cpu" if threshold is not None and 64 * 50 >= threshold else "portable"
+    assert records[0]["auto_choice"] == expected and records[1]["auto_choice"] is None
+    assert "speed-up" in result.stdout
