@@ -302,3 +302,21 @@ def test_distribution_scopes_take_the_portable_path():
         assert choice.implementation == "portable" and "keras.distribution" in choice.reason
     else:  # torch
         assert dispatch.choose("sparse_softmax_ce", keras.ops.convert_to_tensor(large)).implementation == "numba_cpu"
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="jax.vmap")
+def test_numba_cpu_under_jax_vmap_equals_portable():
+    """The JAX bridge's buffer callbacks run once per batch member under vmap (the kernels take one matrix)."""
+    import jax
+
+    rng = np.random.default_rng(3)
+    z = (rng.standard_normal((3, 6, 7)) * 4).astype(np.float32)
+    y = rng.integers(0, 7, (3, 6)).astype(np.int32)
+
+    def grads(implementation):
+        def total(z, y):
+            return ops.softmax_cross_entropy_with_integer_labels(z, y, implementation=implementation).sum()
+
+        return np.asarray(jax.jit(jax.vmap(jax.value_and_grad(total)))(z, y)[1])
+
+    np.testing.assert_allclose(grads("numba_cpu"), grads("portable"), rtol=1e-5, atol=1e-6)

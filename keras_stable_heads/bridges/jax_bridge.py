@@ -7,6 +7,9 @@ from jax.experimental.buffer_callback import buffer_callback
 
 from ._memory import advise_huge_pages
 
+# Under jax.vmap the callbacks run once per batch member (the kernels take one [N, C] matrix).
+VMAP_METHOD = "sequential"
+
 
 def run(pair, logits, labels):
     rows = jax.ShapeDtypeStruct(logits.shape[:1], np.float32)
@@ -21,8 +24,9 @@ def run(pair, logits, labels):
         advise_huge_pages(grad)  # XLA's fresh output buffer is not yet written: see _memory.py
         pair.backward(np.asarray(z), np.asarray(y), np.asarray(saved), np.asarray(dloss), grad)
 
-    forward_call = buffer_callback(forward_cb, (rows, per_row))
-    backward_call = buffer_callback(backward_cb, jax.ShapeDtypeStruct(logits.shape, np.float32))
+    forward_call = buffer_callback(forward_cb, (rows, per_row), vmap_method=VMAP_METHOD)
+    backward_call = buffer_callback(backward_cb, jax.ShapeDtypeStruct(logits.shape, np.float32),
+                                    vmap_method=VMAP_METHOD)
 
     return apply_with_kernel_vjp(forward_call, backward_call, logits, labels)
 

@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 from numba import cuda
 
-from .jax_bridge import apply_with_kernel_vjp
+from .jax_bridge import VMAP_METHOD, apply_with_kernel_vjp
 
 
 def _view(buffer):
@@ -45,7 +45,8 @@ def run(pair, logits, labels):
         if not empty:
             pair.backward(_view(z), _view(y), _view(saved), _view(dloss), _view(grad), _stream(ctx))
 
-    forward_call = buffer_callback(forward_cb, out_types)
-    backward_call = buffer_callback(backward_cb, jax.ShapeDtypeStruct(logits.shape, np.float32))
+    forward_call = buffer_callback(forward_cb, out_types, vmap_method=VMAP_METHOD)
+    backward_call = buffer_callback(backward_cb, jax.ShapeDtypeStruct(logits.shape, np.float32),
+                                    vmap_method=VMAP_METHOD)
 
     return apply_with_kernel_vjp(forward_call, backward_call, logits, labels)
