@@ -12,15 +12,8 @@ import numpy as np
 from jax.experimental.buffer_callback import buffer_callback
 from numba import cuda
 
+from ._cuda import device_view as _view  # a module attribute: the simulator tests replace it
 from .jax_bridge import VMAP_METHOD, apply_with_kernel_vjp
-
-
-def _view(buffer):
-    """A Numba device array over an XLA buffer, without synchronising."""
-    try:
-        return cuda.as_cuda_array(buffer, sync=False)
-    except TypeError:  # a Numba without the ``sync`` keyword
-        return cuda.as_cuda_array(buffer)
 
 
 def _stream(ctx):
