@@ -55,6 +55,21 @@ def safe_mul(weight, x):
     return ops.where(ops.equal(weight, 0.0), ops.zeros_like(x), weight * x)
 
 
+def shifted_exp(z):
+    """``(shift, e, total)`` over the last axis, keeping it: ``e = exp(z - shift)``, ``total = sum(e)``.
+
+    ``shift`` is the row maximum (0 where that is not finite), so ``e <= 1`` and ``total`` is in ``[1, C]`` for a
+    row with a finite max. A loss that needs the softmax in its gradient keeps ``e`` and takes ``p = e / total``:
+    one exponential per logit for forward and backward together, the way XLA and the built-ins compute it
+    (recomputing ``exp`` in the backward made XLA on CPU write ``z - shift`` to memory and run ``exp`` twice).
+    """
+    m = ops.max(z, axis=-1, keepdims=True)
+    # A row of -inf (or with +inf) would make z - m NaN; shift it by 0 instead.
+    m = ops.where(ops.isfinite(m), m, ops.zeros_like(m))
+    e = ops.exp(z - m)
+    return m, e, ops.sum(e, axis=-1, keepdims=True)
+
+
 def logsumexp(z):
     """Log-sum-exp over the last axis as ``(shift, log_sum)``, both keeping the axis: ``lse = shift + log_sum``.
 
@@ -64,10 +79,8 @@ def logsumexp(z):
     A row that is all ``-inf`` gets ``shift = 0, log_sum = -inf`` (not NaN). Only the forward value is used:
     every loss supplies its own gradient, so no gradient flows through the shift.
     """
-    m = ops.max(z, axis=-1, keepdims=True)
-    # A row of -inf (or with +inf) would make z - m NaN; shift it by 0 instead.
-    m = ops.where(ops.isfinite(m), m, ops.zeros_like(m))
-    return m, ops.log(ops.sum(ops.exp(z - m), axis=-1, keepdims=True))
+    shift, _, total = shifted_exp(z)
+    return shift, ops.log(total)
 
 
 def tanh(x):

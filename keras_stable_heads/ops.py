@@ -16,7 +16,7 @@ from . import dispatch
 from . import _validation as check
 from .numerics import fused
 from .numerics import is_neg_inf
-from .numerics import logsumexp
+from .numerics import logsumexp, shifted_exp
 from .numerics import mean_last
 from .numerics import safe_mul
 from .numerics import softcap
@@ -121,16 +121,15 @@ def _finish_rows(loss, log_sum):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _softmax_ce_grad(z, shift, log_sum, dz, target, total_target, z_loss, upstream):
+def _softmax_ce_grad(e, total, shift, log_sum, dz, target, total_target, z_loss, upstream):
     """d loss / d logits = p * (sum_c target_c + 2 z_loss lse) - target, times the softcap derivative.
 
     ``target`` is the weighted (smoothed) label distribution ``w_c y_c`` and ``total_target`` its row sum; the
-    softmax ``p`` is rebuilt from the saved log-sum-exp in one pass.
+    softmax is ``p = e / total`` from the forward's shifted exponentials (see :func:`numerics.shifted_exp`).
     """
     dead = is_neg_inf(log_sum)
-    p = ops.exp((z - shift) - log_sum)
     scale = total_target + 2.0 * z_loss * (shift + log_sum) if z_loss else total_target
-    grad = p * scale - target
+    grad = e * (scale / total) - target
     grad = ops.where(dead, ops.zeros_like(grad), grad)
     grad = grad * ops.expand_dims(upstream, -1)
     return grad if dz is None else grad * dz
@@ -195,13 +194,14 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=N
 
     def forward(x):
         z, dz = softcap(x, cap)
-        shift, log_sum = logsumexp(z)
+        shift, e, total = shifted_exp(z)
+        log_sum = ops.log(total)
         # -log p_c == (shift - z_c) + log_sum, never rounding shift + log_sum.
         loss = ops.sum(safe_mul(target, (shift - z) + log_sum), axis=-1, keepdims=True)
         if z_loss:
             loss = loss + _z_loss_term(z_loss, shift, log_sum)
         loss = _finish_rows(loss, log_sum)[..., 0]
-        return loss, lambda g: _softmax_ce_grad(z, shift, log_sum, dz, target, total_target, z_loss, g)
+        return loss, lambda g: _softmax_ce_grad(e, total, shift, log_sum, dz, target, total_target, z_loss, g)
 
     return fused(forward)(logits)
 
@@ -263,7 +263,8 @@ def softmax_cross_entropy_with_integer_labels(
 
     def forward(x):
         z, dz = softcap(x, cap)
-        shift, log_sum = logsumexp(z)
+        shift, e, total = shifted_exp(z)
+        log_sum = ops.log(total)
         z_y = ops.take_along_axis(z, safe_labels, axis=-1)
         loss = safe_mul((1.0 - eps) * w_y, (shift - z_y) + log_sum)
         if eps:
@@ -279,7 +280,7 @@ def softmax_cross_entropy_with_integer_labels(
             target = (1.0 - eps) * w_y * ops.one_hot(safe_labels[..., 0], num_classes, dtype=dtype)
             if eps:
                 target = target + (eps / num_classes) * (1.0 if w is None else w)
-            grad = _softmax_ce_grad(z, shift, log_sum, dz, target, total_target, z_loss, g)
+            grad = _softmax_ce_grad(e, total, shift, log_sum, dz, target, total_target, z_loss, g)
             return _mark_labels(grad, ops.expand_dims(kept, -1), ops.expand_dims(invalid, -1))
 
         return loss, vjp
