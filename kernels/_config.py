@@ -31,6 +31,19 @@ ROW_BLOCK = 64
 # cancellation there.
 TANH_POLY_MAX = np.float32(0.625)
 
+# Software prefetch in the softmax forward (large C): while a thread runs the exp pass over row i (from cache,
+# compute-bound), it asks for row i + 1 in blocks of PREFETCH_SPAN floats, so that the next row's max pass
+# (memory-bound) finds it in L2 and memory is busy during the exps. Only for rows of at most PREFETCH_MAX_C
+# classes, so that the current and the next row fit in the 512 KiB L2 of one core together. One prefetch per
+# 64-byte line (FLOATS_PER_LINE). Measured on the 2-core Zen 3 box, Numba alone, forward of sparse softmax CE,
+# min of 20 interleaved calls (old and new kernels in one process): 4096 x 32000 62.6 -> 53.8 ms (with
+# label smoothing, z-loss and softcap 168 -> 125 ms), 8192 x 1000 5.96 -> 5.16 ms (17.0 -> 12.7). The dense
+# forward (three reductions per span) ran slower with spans (4.9 -> 7.1 ms at 8192 x 1000) and keeps whole-row
+# loops without prefetch.
+PREFETCH_SPAN = 256
+PREFETCH_MAX_C = 32768
+FLOATS_PER_LINE = 16
+
 # Folder (under a user cache root) that holds the Numba cache when the installed package is not writable.
 CACHE_SUBDIR = ("keras_stable_heads", "numba")
 

@@ -19,6 +19,7 @@ it inlines into a loop and becomes SIMD code.
 - ``log1p_exp_neg_abs``: ``log(1 + exp(-|x|))``, the soft part of softplus: Cephes ``logf`` polynomial on the
   mantissa of ``v = 1 + u``, plus the rounding error of ``1 + u`` divided by ``v`` (Goldberg).
 - ``tanh_f32``: Cephes ``tanhf``.
+- ``prefetch_row_f32``: a software prefetch (``llvm.prefetch``) of one cache line of a 2-D array.
 
 Inlining and flags: LLVM inlines the small ``exp_f32`` into every loop by itself, and the fast-math flags are per
 instruction, so its Cody-Waite reduction keeps ``ELEMENTARY_FASTMATH`` (no ``reassoc``) inside a ``FASTMATH``
@@ -104,6 +105,32 @@ def bits_to_f32(typingctx, i):
         return builder.bitcast(v, _F32)
 
     return types.float32(i), codegen
+
+
+@intrinsic
+def prefetch_row_f32(typingctx, arr, i, j):
+    """Hint the CPU to fetch ``arr[i, j]``'s cache line into L2 (``llvm.prefetch``: read, locality 2, data).
+
+    A hint only: no load, no fault, no dependency, so it costs an issue slot and lets memory work while the
+    caller computes on data already in cache. ``arr`` is a 2-D array; no bounds check (a prefetch past the end
+    is harmless, but callers pass valid indices).
+    """
+    if not (isinstance(arr, types.Array) and arr.ndim == 2 and isinstance(i, types.Integer)
+            and isinstance(j, types.Integer)):
+        return None
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        array = context.make_array(aryty)(context, builder, value=args[0])
+        index = [context.cast(builder, v, t, types.intp) for v, t in zip(args[1:], signature.args[1:])]
+        ptr = cgutils.get_item_pointer(context, builder, aryty, array, index, wraparound=False)
+        i32 = ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [ptr.type, i32, i32, i32])
+        fn = cgutils.get_or_insert_function(builder.module, fnty, "llvm.prefetch.p0")
+        builder.call(fn, [ptr, ir.Constant(i32, 0), ir.Constant(i32, 2), ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.none(arr, i, j), codegen
 
 
 def stack_scratch_f32(size):

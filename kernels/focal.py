@@ -47,12 +47,12 @@ from ._simd import (
     exp_f32,
     exp_nonpos_f32,
     log_f32,
-    maxnum_f32,
     select_f32,
     stack_scratch_f32,
     sub_exact,
 )
 from .sigmoid_ce import sigmoid_pair, softplus_pair
+from .softmax_ce import _row_max, _row_sumexp, _shift_of, next_row
 
 _f32 = np.float32
 _u = np.uint64
@@ -231,16 +231,11 @@ def _sigmoid_focal_bwd_flat(z, y, dloss, grad, c, gamma, alpha, has_alpha, eps):
 
 
 @njit(**_inline)
-def _row_shift_log_sum(x, i):
-    """(shift, log_sum) of row i: shift = max if finite, else 0; log_sum = log sum exp(z - shift) (-inf: all -inf)."""
-    m = NEG_INF
-    for j in range(x.shape[1]):
-        m = maxnum_f32(m, x[i, j])  # llvm.maxnum ignores NaN; a NaN logit still reaches log_sum through its exp
-    shift = m if (m > NEG_INF and m < INF) else ZERO
-    s = ZERO
-    for j in range(x.shape[1]):
-        s += exp_nonpos_f32(x[i, j] - shift)
-    return shift, np.log(s)
+def _row_shift_log_sum(x, i, nxt):
+    """(shift, log_sum) of row i: shift = max if finite, else 0; log_sum = log sum exp(z - shift) (-inf: all -inf).
+    Prefetches row ``nxt`` during the exp pass (see softmax_ce.next_row)."""
+    shift = _shift_of(_row_max(x, i))
+    return shift, np.log(_row_sumexp(x, i, shift, nxt))
 
 
 @njit(**_inline)
@@ -264,7 +259,7 @@ def _softmax_focal_fwd_rows(logits, labels, loss_out, saved_out, gamma, alpha, e
     n, c = logits.shape
     one_m_eps, eps_c, parts = _setup(gamma, eps, _f32(c))
     for i in prange(n):
-        shift, log_sum = _row_shift_log_sum(logits, i)
+        shift, log_sum = _row_shift_log_sum(logits, i, next_row(i, n, c))
         loss = ZERO
         big_s = ZERO
         for j in range(c):

@@ -29,7 +29,16 @@ Layouts: for large C one thread works on one row at a time and vectorizes along 
 import numpy as np
 from numba import carray, njit, prange
 
-from ._config import FASTMATH, LSE_RECOMPUTE_ABOVE, ROW_BLOCK, SMALL_C_MAX, SMALL_C_MAX_BWD
+from ._config import (
+    FASTMATH,
+    FLOATS_PER_LINE,
+    LSE_RECOMPUTE_ABOVE,
+    PREFETCH_MAX_C,
+    PREFETCH_SPAN,
+    ROW_BLOCK,
+    SMALL_C_MAX,
+    SMALL_C_MAX_BWD,
+)
 from ._simd import (
     INF,
     NAN,
@@ -40,6 +49,7 @@ from ._simd import (
     exp_nonpos_f32,
     log_f32,
     maxnum_f32,
+    prefetch_row_f32,
     select_f32,
     stack_scratch_f32,
     add_exact,
@@ -106,41 +116,76 @@ def _row_max(x, i):
 
 
 @njit(**_inline)
-def _row_sumexp(x, i, shift):
+def next_row(i, n, c):
+    """The row to prefetch while working on row ``i``: ``i + 1`` (same thread under ``prange``'s static chunks,
+    except at a chunk's end), or ``i`` itself (a no-op) for the last row and for rows too long to keep two in L2."""
+    k = np.int64(i)  # prange's index may be unsigned; uint64 + int64 would type as float64
+    return k + 1 if (k + 1 < n and c <= PREFETCH_MAX_C) else k
+
+
+@njit(**_inline)
+def prefetch_span(x, i, j0, j1):
+    """Prefetch row ``i``'s entries ``[j0, j1)`` into L2, one hint per cache line."""
+    for j in range(j0, j1, FLOATS_PER_LINE):
+        prefetch_row_f32(x, i, j)
+
+
+# The exp passes below run over a row already in cache (its max pass just read it) in spans of PREFETCH_SPAN;
+# before each span they prefetch the same span of row ``nxt`` (see next_row), which the next max pass reads.
+
+
+@njit(**_inline)
+def _row_sumexp(x, i, shift, nxt):
     s = ZERO
-    for j in range(x.shape[1]):
-        s += exp_nonpos_f32(x[i, j] - shift)
+    c = x.shape[1]
+    for j0 in range(0, c, PREFETCH_SPAN):
+        j1 = min(j0 + PREFETCH_SPAN, c)
+        prefetch_span(x, nxt, j0, j1)
+        for j in range(j0, j1):
+            s += exp_nonpos_f32(x[i, j] - shift)
     return s
 
 
 @njit(**_inline)
-def _row_sumexp_cap(x, i, shift, cap, inv_cap):
+def _row_sumexp_cap(x, i, shift, cap, inv_cap, nxt):
     s = ZERO
-    for j in range(x.shape[1]):
-        s += exp_nonpos_f32(_softcap(x[i, j], cap, inv_cap) - shift)
+    c = x.shape[1]
+    for j0 in range(0, c, PREFETCH_SPAN):
+        j1 = min(j0 + PREFETCH_SPAN, c)
+        prefetch_span(x, nxt, j0, j1)
+        for j in range(j0, j1):
+            s += exp_nonpos_f32(_softcap(x[i, j], cap, inv_cap) - shift)
     return s
 
 
 @njit(**_inline)
-def _row_sumexp_gap(x, i, shift, w):
+def _row_sumexp_gap(x, i, shift, w, nxt):
     """(sum_j exp(z_j - shift), sum_j w_j (shift - z_j))."""
     s = ZERO
     g = ZERO
-    for j in range(x.shape[1]):
-        z = x[i, j]
-        s += exp_nonpos_f32(z - shift)
-        g += w[j] * (shift - z)
+    c = x.shape[1]
+    for j0 in range(0, c, PREFETCH_SPAN):
+        j1 = min(j0 + PREFETCH_SPAN, c)
+        prefetch_span(x, nxt, j0, j1)
+        for j in range(j0, j1):
+            z = x[i, j]
+            s += exp_nonpos_f32(z - shift)
+            g += w[j] * (shift - z)
     return s, g
 
 
 @njit(**_inline)
-def _row_sumexp_gap_cap(x, i, shift, w, cap, inv_cap):
+def _row_sumexp_gap_cap(x, i, shift, w, cap, inv_cap, nxt):
     s = ZERO
     g = ZERO
-    for j in range(x.shape[1]):
-        z = _softcap(x[i, j], cap, inv_cap)
-        s += exp_nonpos_f32(z - shift)
-        g += w[j] * (shift - z)
+    c = x.shape[1]
+    for j0 in range(0, c, PREFETCH_SPAN):
+        j1 = min(j0 + PREFETCH_SPAN, c)
+        prefetch_span(x, nxt, j0, j1)
+        for j in range(j0, j1):
+            z = _softcap(x[i, j], cap, inv_cap)
+            s += exp_nonpos_f32(z - shift)
+            g += w[j] * (shift - z)
     return s, g
 
 
@@ -240,20 +285,21 @@ def _sparse_fwd_rows(logits, labels, loss_out, lse_out, w, eps, z_loss, cap, ign
             lse_out[i] = ZERO
             continue
         m = _row_max(logits, i)
+        nxt = next_row(i, n, c)
         gap = ZERO
         if has_cap:
             # softcap is increasing, so max(z') = softcap(max(z)).
             shift = _shift_of(_softcap(m, cap, inv_cap))
             if has_eps:
-                s, gap = _row_sumexp_gap_cap(logits, i, shift, w, cap, inv_cap)
+                s, gap = _row_sumexp_gap_cap(logits, i, shift, w, cap, inv_cap, nxt)
             else:
-                s = _row_sumexp_cap(logits, i, shift, cap, inv_cap)
+                s = _row_sumexp_cap(logits, i, shift, cap, inv_cap, nxt)
         else:
             shift = _shift_of(m)
             if has_eps:
-                s, gap = _row_sumexp_gap(logits, i, shift, w)
+                s, gap = _row_sumexp_gap(logits, i, shift, w, nxt)
             else:
-                s = _row_sumexp(logits, i, shift)
+                s = _row_sumexp(logits, i, shift, nxt)
         if y < 0 or y >= c:
             lse_out[i] = shift + np.log(s)
             loss_out[i] = NAN
@@ -339,10 +385,10 @@ def _exact_shift(x, i, lse, cap, inv_cap, has_cap):
     m = _row_max(x, i)
     if has_cap:
         shift = _shift_of(_softcap(m, cap, inv_cap))
-        s = _row_sumexp_cap(x, i, shift, cap, inv_cap)
+        s = _row_sumexp_cap(x, i, shift, cap, inv_cap, i)
     else:
         shift = _shift_of(m)
-        s = _row_sumexp(x, i, shift)
+        s = _row_sumexp(x, i, shift, i)
     return shift, ONE / s
 
 

@@ -404,6 +404,8 @@ def test_kernel_loops_are_vectorized_without_library_calls(name):
     assert math_calls <= ({"logf"} if name in ("softmax_ce_sparse_fwd", "softmax_focal_fwd") else set()), math_calls
     assert "cvtps2pd" not in asm
     assert re.search(r"vfmadd\w*ps\s+%ymm", asm), "no 8-lane FMA: the loops did not vectorize"
+    if name in ("softmax_ce_sparse_fwd", "softmax_focal_fwd"):  # the exp pass prefetches the next row into L2
+        assert re.search(r"prefetcht1\s", asm), "no prefetcht1: the next row is not prefetched"
 
 
 def test_cache_dir_selection(tmp_path):
