@@ -314,14 +314,24 @@ def run(choice, op, logits, labels, options):
     num_classes = int(logits.shape[-1])
     cuda = choice.implementation == "numba_cuda"
     pair = (_kernel_ops.cuda_pair if cuda else _kernel_ops.cpu_pair)(op, num_classes, options)
-    leading = keras.ops.shape(logits)[:-1]
-    z = keras.ops.reshape(logits, (-1, num_classes))
+    # Flatten to [N, C] / [N] or [N, width]; the common 2-D case skips the reshapes (each keras.ops call costs
+    # microseconds of Python, which is most of a small batch's time on PyTorch).
+    flat = len(logits.shape) == 2
+    leading = None if flat else keras.ops.shape(logits)[:-1]
+    z = logits if flat else keras.ops.reshape(logits, (-1, num_classes))
     if pair.label_dtype == "int32":
-        y = keras.ops.reshape(keras.ops.cast(labels, "int32"), (-1,))
+        y = _as_dtype(labels, "int32")
+        y = y if flat and len(y.shape) == 1 else keras.ops.reshape(y, (-1,))
     else:
-        y = keras.ops.reshape(keras.ops.cast(labels, "float32"), (-1, pair.label_width or num_classes))
+        width = pair.label_width or num_classes
+        y = _as_dtype(labels, "float32")
+        y = y if flat and tuple(y.shape) == (logits.shape[0], width) else keras.ops.reshape(y, (-1, width))
     loss = _bridge(choice.implementation).run(pair, z, y)
-    return keras.ops.reshape(loss, leading)
+    return loss if flat else keras.ops.reshape(loss, leading)
+
+
+def _as_dtype(x, dtype):
+    return x if keras.backend.standardize_dtype(x.dtype) == dtype else keras.ops.cast(x, dtype)
 
 
 _BRIDGE_MODULES = {
