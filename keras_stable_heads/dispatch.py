@@ -33,16 +33,15 @@ CHOICES = ("auto", "portable", "numba_cpu", "numba_cuda")
 
 # The automatic choice uses the Numba CPU path from this many logits up (N * C), per backend; None: never.
 # Measured forward+backward with `keras-stable-heads bench --full --backend all` on the quiet 2-core AMD EPYC
-# (Zen 3) box, run 20261126T102413Z-78c8cd in benchmarks/results/records.jsonl (min ms, numba_cpu vs portable):
-# - torch: the kernels win at every size (256x10: 0.50 vs 1.33, its eager portable path pays ~1 ms of op
-#   overhead; 8192x1000: 9.1 vs 224), so always.
-# - TensorFlow (tf.function, no XLA; under XLA the portable path is forced): portable at 256x10 (0.59 vs 0.81),
-#   the kernels from 65536x10 (4.0 vs 10.0) up, so from 65536 logits.
-# - JAX: XLA's own fusion of the portable path and optax win up to 8192x1000 (optax 6.8 / numba 8.4 / portable
-#   27.5), the kernels from 4096x32000 (169 vs optax 349 and portable 359; 8192x32000: 334 vs 745 / 768;
-#   2048x131072: 444 vs 849 / 1980) since the bridge advises huge pages for the gradient buffer. The threshold
-#   2^25 lies between 8.2M (loses) and 131M logits (wins); sizes in between were not measured.
-NUMBA_MIN_ELEMENTS = {"jax": 1 << 25, "torch": 0, "tensorflow": 1 << 16}
+# (Zen 3) box, run 20261126T121108Z-152d2b in benchmarks/results/records.jsonl (min ms, numba_cpu vs portable):
+# - torch: the kernels win at every size (256x10: 0.57 vs 2.0, its eager portable path pays ~1 ms of op
+#   overhead; 8192x1000: 8.5 vs 216), so always.
+# - TensorFlow (tf.function, no XLA; under XLA the portable path is forced): portable at 256x10 (0.56 vs 1.48),
+#   the kernels from 65536x10 (3.4 vs 8.9) up, so from 65536 logits.
+# - JAX: the portable path (one exp per logit, XLA-fused like optax) wins up to ~2M logits (65536x10: 1.72 vs
+#   1.94; 2048x1000: 1.49 vs 1.73, run 20261126T122235Z-7dc1a3), the kernels from ~4M (4096x1000: 3.0 vs 5.3;
+#   8192x1000: 8.0 vs 9.9; 4096x32000: 151 vs 347). 16384x256 (4.2M logits) is a tie (4.5 vs 4.3).
+NUMBA_MIN_ELEMENTS = {"jax": 4_000_000, "torch": 0, "tensorflow": 1 << 16}
 # The same for the CUDA kernels on a GPU, measured on an H200 by the script later folded into the harness
 # (benchmarks/results/gpu_harness_records.jsonl). torch: the kernels beat the portable path at every size measured
 # (512x10: 1.25 vs 1.89 ms; 16384x131072: 9.9 vs 103 ms), so always. JAX: XLA's fusion of the portable path
