@@ -214,6 +214,22 @@ def test_report_separates_devices(benchmarks, capsys, tmp_path):
     assert "converted from benchmarks/results/gpu_records_h200.jsonl" in printed
 
 
+@pytest.mark.parametrize("xla_ms, expected", [(0.3, "stable/portable+xla"), (0.9, "stable/numba_cpu")])
+def test_report_lets_the_stable_side_compile_with_xla_as_the_builtins_do(benchmarks, xla_ms, expected):
+    """TensorFlow: the fastest built-in may be an XLA-compiled variant; the stable side's XLA variant (what the
+    dispatcher runs inside jit_compile) counts too, but only when it is faster than the auto pick."""
+    make = benchmarks.harness.make_record
+    records = [make(run_id="r", op="sparse_softmax_ce", implementation=impl, family=family, backend="tensorflow",
+                    device="cpu", device_name="Test CPU (2 cores)", dtype="float32", shape=[256, 10], case="random",
+                    mode="forward_backward", unit="ms", min=ms, median=ms, max=ms, reps=3, warmup=1, bytes=30720,
+                    roofline_gbs=20.0, auto_choice="numba_cpu" if family == "stable" else None)
+               for impl, family, ms in (("stable/numba_cpu", "stable", 0.6), ("stable/portable+xla", "stable", xla_ms),
+                                        ("keras+xla", "builtin", 0.5))]
+    (row,) = benchmarks.report.speed_rows(records)
+    assert row["stable"]["implementation"] == expected
+    assert row["speedup"] == pytest.approx(0.5 / min(0.6, xla_ms))
+
+
 def test_plot_draws_each_device_and_both_together(benchmarks, tmp_path):
     pytest.importorskip("matplotlib")
     import importlib
