@@ -320,3 +320,67 @@ def test_numba_cpu_under_jax_vmap_equals_portable():
         return np.asarray(jax.jit(jax.vmap(jax.value_and_grad(total)))(z, y)[1])
 
     np.testing.assert_allclose(grads("numba_cpu"), grads("portable"), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reused gradient buffers (torch and TensorFlow bridges; XLA allocates JAX's)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_buffer_pool_reuses_an_array_only_once_nothing_else_holds_it():
+    from keras_stable_heads.bridges._memory import MIN_BYTES, BufferPool
+
+    pool = BufferPool(max_pooled=2)
+    shape = (1024, MIN_BYTES // 4096 + 1)  # just over the size worth pooling
+    a = pool.empty(shape)
+    address = a.ctypes.data
+    holder = [a]  # a framework tensor's reference
+    del a
+    b = pool.empty(shape)
+    assert b.ctypes.data != address  # still held: a new array
+    assert b.ctypes.data % 64 == 0 and b.shape == shape and b.dtype == np.float32
+    holder.clear()
+    c = pool.empty(shape)
+    assert c.ctypes.data == address  # released: reused
+    small = pool.empty((4, 4))
+    assert small.shape == (4, 4) and pool.empty((4, 4)) is not small  # small arrays are not pooled
+    assert BufferPool(max_pooled=0).empty(shape) is not BufferPool(max_pooled=0).empty(shape)
+
+
+def _held_gradient(x, y):
+    """The backend's own gradient tensor of sum(loss) through the numba_cpu bridge (not copied)."""
+    fn = lambda z: ops.softmax_cross_entropy_with_integer_labels(z, y, implementation="numba_cpu")  # noqa: E731
+    if BACKEND == "torch":
+        import torch
+
+        z = torch.tensor(x, requires_grad=True)
+        fn(z).sum().backward()
+        return z.grad
+    import tensorflow as tf
+
+    z = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(z)
+        loss = tf.reduce_sum(fn(z))
+    return tape.gradient(loss, z)
+
+
+@pytest.mark.skipif(BACKEND == "jax", reason="XLA allocates the gradient buffers on JAX")
+def test_reused_gradient_buffers_never_overwrite_a_held_gradient():
+    rng = np.random.default_rng(11)
+    n, c = 1024, 2200  # 9 MB of float32: pooled
+    xs = [(rng.standard_normal((n, c)) * 3).astype(np.float32) for _ in range(3)]
+    y = rng.integers(0, c, n).astype(np.int32)
+    want = [value_and_grad(lambda z: ops.softmax_cross_entropy_with_integer_labels(z, y, implementation="portable"),
+                           x)[1] for x in xs]
+    g0 = _held_gradient(xs[0], y)
+    g1 = _held_gradient(xs[1], y)  # g0 is held: its buffer must not be written
+    np.testing.assert_allclose(np.asarray(g0), want[0], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(g1), want[1], rtol=1e-5, atol=1e-9)
+    address = g0.data_ptr() if BACKEND == "torch" else None
+    del g0
+    g2 = _held_gradient(xs[2], y)  # may reuse g0's buffer, never g1's
+    np.testing.assert_allclose(np.asarray(g1), want[1], rtol=1e-5, atol=1e-9)
+    np.testing.assert_allclose(np.asarray(g2), want[2], rtol=1e-5, atol=1e-9)
+    if address is not None:
+        assert g2.data_ptr() == address  # the released buffer was reused: no fresh pages

@@ -1,21 +1,13 @@
 """TensorFlow: ``tf.numpy_function`` inside ``tf.custom_gradient`` (eager and ``tf.function``, not XLA).
 
-Inputs arrive zero-copy; outputs are allocated 64-byte aligned, which TensorFlow adopts without a copy.
+Inputs arrive zero-copy; outputs are allocated 64-byte aligned, which TensorFlow adopts without a copy; gradient
+buffers come from the reuse pool in ``_memory.py``.
 """
 
 import numpy as np
 import tensorflow as tf
 
-_ALIGN = 64
-
-
-def aligned_empty(shape, dtype=np.float32):
-    """An uninitialised array whose data starts on a 64-byte boundary."""
-    dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
-    raw = np.empty(count * dtype.itemsize + _ALIGN, np.uint8)
-    start = (-raw.ctypes.data) % _ALIGN
-    return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
+from ._memory import GRADIENTS, aligned_empty
 
 
 def run(pair, logits, labels):
@@ -32,7 +24,7 @@ def run(pair, logits, labels):
 
         def grad(dloss):
             def backward(z_np, y_np, saved_np, dloss_np):
-                out = aligned_empty(z_np.shape)
+                out = GRADIENTS.empty(z_np.shape)  # reused once TensorFlow has dropped it: see _memory.py
                 pair.backward(np.ascontiguousarray(z_np), np.ascontiguousarray(y_np), np.ascontiguousarray(saved_np),
                               np.ascontiguousarray(dloss_np, np.float32), out)
                 return out

@@ -1,8 +1,9 @@
-"""PyTorch: a ``torch.autograd.Function`` over zero-copy NumPy views of CPU tensors; torch allocates every buffer."""
+"""PyTorch: a ``torch.autograd.Function`` over zero-copy NumPy views of CPU tensors; gradients are NumPy arrays
+from the reuse pool in ``_memory.py`` wrapped without a copy, the other buffers are torch's."""
 
 import torch
 
-from ._memory import advise_huge_pages
+from ._memory import GRADIENTS
 
 
 class _KernelFunction(torch.autograd.Function):
@@ -20,9 +21,8 @@ class _KernelFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dloss):
         z, y, saved = ctx.saved_tensors
-        grad = torch.empty_like(z)
-        out = grad.numpy()
-        advise_huge_pages(out)  # torch's allocator maps fresh pages: see _memory.py
+        out = GRADIENTS.empty(z.shape)  # reused once no tensor holds it; fresh pages cost more than the kernel
+        grad = torch.from_numpy(out)  # the tensor keeps a reference to the array: see _memory.py
         ctx.pair.backward(z.numpy(), y.numpy(), saved.numpy(), dloss.detach().contiguous().numpy(), out)
         return grad, None, None
 
