@@ -154,7 +154,7 @@ def test_auto_choice_uses_the_measured_threshold():
         assert choice.implementation == "portable" and "measured slower" in choice.reason
     else:
         # exactly at the threshold the kernels run, one row fewer stays portable
-        columns = 1024 if threshold >= 1024 else 1
+        columns = next((w for w in (1024, 1000) if threshold >= w and threshold % w == 0), 1)
         rows = max(1, threshold // columns)
         at = keras.ops.zeros((rows, columns), "float32")
         assert rows * columns == threshold or threshold == 0
