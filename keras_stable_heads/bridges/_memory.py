@@ -73,6 +73,17 @@ def aligned_empty(shape, dtype=np.float32):
     return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
 
 
+def _references(arrays, i):
+    """``sys.getrefcount`` of ``arrays[i]`` as seen from here; :data:`_UNSHARED` is measured by this same code, so
+    the comparison holds whatever references the interpreter itself adds or elides on the way."""
+    array = arrays[i]
+    return sys.getrefcount(array)
+
+
+# The count of an array that only its list holds (CPython reference counting; other interpreters do not pool).
+_UNSHARED = _references([np.empty(0)], 0) if sys.implementation.name == "cpython" else None
+
+
 class BufferPool:
     """Hands out float32 arrays for gradients, reusing one that nothing outside the pool references any more.
 
@@ -93,14 +104,13 @@ class BufferPool:
 
     def empty(self, shape):
         shape = tuple(int(d) for d in shape)
-        if self._max <= 0 or int(np.prod(shape)) * 4 < MIN_BYTES:
+        if self._max <= 0 or _UNSHARED is None or int(np.prod(shape)) * 4 < MIN_BYTES:
             return aligned_empty(shape)
         with self._lock:
-            for i in range(len(self._arrays)):  # not enumerate(): its reused result tuple holds a reference
-                array = self._arrays[i]
-                # References: the list, `array`, and getrefcount's argument; one more is a framework tensor.
-                if array.shape == shape and sys.getrefcount(array) == 3:
-                    self._arrays.insert(0, self._arrays.pop(i))
+            for i in range(len(self._arrays)):
+                if self._arrays[i].shape == shape and _references(self._arrays, i) == _UNSHARED:
+                    array = self._arrays.pop(i)
+                    self._arrays.insert(0, array)
                     return array
             array = aligned_empty(shape)
             advise_huge_pages(array)
