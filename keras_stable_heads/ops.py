@@ -16,7 +16,7 @@ from . import dispatch
 from . import _validation as check
 from .numerics import fused
 from .numerics import is_neg_inf
-from .numerics import logsumexp, shifted_exp
+from .numerics import shifted_exp
 from .numerics import mean_last
 from .numerics import safe_mul
 from .numerics import softcap
@@ -319,7 +319,8 @@ def softmax_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_
     target = (1.0 - eps) * labels + eps / num_classes if eps else labels
 
     def forward(z):
-        shift, log_sum = logsumexp(z)
+        shift, e, total = shifted_exp(z)
+        log_sum = ops.log(total)
         log_p = (z - shift) - log_sum
         # 1 - p == -expm1(log p): exact as p -> 1, where 1 - exp(log p) would cancel.
         one_minus_p = -ops.expm1(log_p)
@@ -330,7 +331,7 @@ def softmax_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_
         loss = _finish_rows(loss, log_sum)[..., 0]
 
         def vjp(g):
-            p = ops.exp(log_p)
+            p = e / total  # the forward's exponentials: one exp per logit, as in softmax_cross_entropy
             zero = ops.zeros_like(p)
             # p log p / (1 - p) -> -1 as p -> 1 and -> 0 as p -> 0 (a masked class).
             ratio = ops.where(
