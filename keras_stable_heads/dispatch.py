@@ -27,6 +27,7 @@ import os
 import keras
 
 from . import _backend
+from . import _kernel_ops
 
 ENV_VAR = "KERAS_STABLE_HEADS_IMPLEMENTATION"
 CHOICES = ("auto", "portable", "numba_cpu", "numba_cuda")
@@ -210,7 +211,6 @@ def _cuda_missing():
 
     from numba import cuda
 
-    from . import _kernel_ops
     from .kernels import cuda_softmax_ce
 
     for module in _kernel_ops.CUDA_MODULES:
@@ -239,8 +239,7 @@ def _import_error(name):
     return _IMPORT_ERRORS[name]
 
 
-KERNEL_OPS = frozenset({"sparse_softmax_ce", "softmax_ce", "sigmoid_ce", "sigmoid_focal_ce", "softmax_focal_ce",
-                        "gaussian_nll", "laplace_nll"})
+KERNEL_OPS = frozenset(_kernel_ops.OPS)
 
 REGISTRY = {
     "numba_cpu": Implementation(
@@ -308,8 +307,6 @@ def _shape(x):
 
 def run(choice, op, logits, labels, options):
     """Compute ``op`` with the chosen kernel implementation; returns the per-example loss (leading shape)."""
-    from . import _kernel_ops
-
     num_classes = int(logits.shape[-1])
     cuda = choice.implementation == "numba_cuda"
     pair = (_kernel_ops.cuda_pair if cuda else _kernel_ops.cpu_pair)(op, num_classes, options)

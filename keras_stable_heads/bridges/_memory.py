@@ -113,7 +113,6 @@ class BufferPool:
                     self._arrays.insert(0, array)
                     return array
             array = aligned_empty(shape)
-            advise_huge_pages(array)
             self._arrays.insert(0, array)
             del self._arrays[self._max:]
             return array
