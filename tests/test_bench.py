@@ -315,3 +315,30 @@ def test_train_step_script_records_both_losses(tmp_path):
     expected = "numba_cpu" if threshold is not None and 64 * 50 >= threshold else "portable"
     assert records[0]["auto_choice"] == expected and records[1]["auto_choice"] is None
     assert "speed-up" in result.stdout
+
+
+@pytest.mark.skipif(keras.backend.backend() != "torch", reason="backend-independent: runs once, under torch")
+def test_kernel_probe_records_times_and_floors(tmp_path):
+    """benchmarks/kernels_cpu_probe.py --floors: one record per shape and options, the in-cache rate scaled."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "probe.jsonl"
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels_cpu_probe.py"), "--reps", "1",
+                           "--shapes", "96x40,64x10", "--options", "plain,all", "--floors", "--threads", "1",
+                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["shape"], r["options"]) for r in records] == [
+        ([96, 40], "plain"), ([96, 40], "all"), ([64, 10], "plain"), ([64, 10], "all")]
+    for r in records:
+        n, c = r["shape"]
+        assert r["threads"] == 1 and r["hardware"]["cores"] >= 1 and r["bandwidth"]["copy_threads_gbs"] > 0
+        for key in ("fwd_ms", "bwd_ms", "fwd_bwd_ms", "read_pass_ms", "copy_2d_ms"):
+            assert 0 < r[key] < 1e4, key
+        assert r["fwd_bwd_gbs"] == pytest.approx(3 * n * c * 4 / (r["fwd_bwd_ms"] * 1e-3) / 1e9)
+        assert 2 <= r["in_cache_rows"] <= n  # logits + gradient of 96x40 fit: every row, one thread
+        for mode in ("fwd", "bwd"):
+            ns = r[f"in_cache_{mode}_ns_per_logit_thread"]
+            assert ns > 0 and r[f"in_cache_{mode}_ms_full"] == pytest.approx(ns * n * c / 1e6)
