@@ -22,6 +22,7 @@ cross-entropy (binary and multi-label), sigmoid and softmax focal cross-entropy,
 """
 
 import dataclasses
+import functools
 import os
 
 import keras
@@ -339,6 +340,7 @@ _BRIDGE_MODULES = {
 }
 
 
+@functools.lru_cache(maxsize=None)
 def _bridge(implementation):
     import importlib
 

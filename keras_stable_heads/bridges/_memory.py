@@ -13,6 +13,7 @@ mode is ``never``, and does nothing on platforms without ``madvise``.
 import ctypes
 import ctypes.util
 import functools
+import math
 import sys
 import threading
 
@@ -67,9 +68,9 @@ def aligned_empty(shape, dtype=np.float32):
     """An uninitialised NumPy array whose data starts on a 64-byte boundary (TensorFlow adopts such an output
     without a copy; NumPy advises huge pages for its large allocations itself)."""
     dtype = np.dtype(dtype)
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # np.prod and .ctypes cost microseconds, most of a small gradient's allocation
     raw = np.empty(count * dtype.itemsize + _ALIGN, np.uint8)
-    start = (-raw.ctypes.data) % _ALIGN
+    start = (-raw.__array_interface__["data"][0]) % _ALIGN
     return raw[start:start + count * dtype.itemsize].view(dtype).reshape(shape)
 
 
@@ -104,7 +105,7 @@ class BufferPool:
 
     def empty(self, shape):
         shape = tuple(int(d) for d in shape)
-        if self._max <= 0 or _UNSHARED is None or int(np.prod(shape)) * 4 < MIN_BYTES:
+        if self._max <= 0 or _UNSHARED is None or math.prod(shape) * 4 < MIN_BYTES:
             return aligned_empty(shape)
         with self._lock:
             for i in range(len(self._arrays)):
