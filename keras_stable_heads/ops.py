@@ -269,7 +269,8 @@ def softmax_cross_entropy_with_integer_labels(
         loss = safe_mul((1.0 - eps) * w_y, (shift - z_y) + log_sum)
         if eps:
             # sum_c w_c (lse - z_c) == w_sum log_sum - sum_c w_c (z_c - shift): shift cancels exactly
-            weighted_z = ops.sum((z - shift) if w is None else (z - shift) * w, axis=-1, keepdims=True)
+            # (a class of weight 0 adds 0, also where its logit is -inf)
+            weighted_z = ops.sum((z - shift) if w is None else safe_mul(w, z - shift), axis=-1, keepdims=True)
             loss = loss + (eps / num_classes) * (w_sum * log_sum - weighted_z)
         if z_loss:
             loss = loss + _z_loss_term(z_loss, shift, log_sum)

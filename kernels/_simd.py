@@ -19,6 +19,7 @@ it inlines into a loop and becomes SIMD code.
 - ``log1p_exp_neg_abs``: ``log(1 + exp(-|x|))``, the soft part of softplus: Cephes ``logf`` polynomial on the
   mantissa of ``v = 1 + u``, plus the rounding error of ``1 + u`` divided by ``v`` (Goldberg).
 - ``tanh_f32``: Cephes ``tanhf``.
+- ``safe_mul_f32``: ``a * x`` that is 0 where ``a`` is 0, also for an infinite ``x`` (``numerics.safe_mul``).
 - ``prefetch_row_f32``: a software prefetch (``llvm.prefetch``) of one cache line of a 2-D array.
 
 Inlining and flags: LLVM inlines the small ``exp_f32`` into every loop by itself, and the fast-math flags are per
@@ -323,6 +324,13 @@ def log1p_exp_neg_abs(x):
     k = select_f32(big, ONE, ZERO)
     m = select_f32(big, HALF * v, v)
     return _log_mantissa_poly(m - ONE) + k * _LN2 + c / v
+
+
+@njit(inline="always", fastmath=ELEMENTARY_FASTMATH, error_model="numpy")
+def safe_mul_f32(a, x):
+    """``a * x`` with ``0 * x == 0`` even where ``x`` is infinite: a loss term whose weight is 0 is skipped
+    (``0 * log 0`` is 0 in a cross-entropy), also where its logit is infinite. One blend per vector."""
+    return select_f32(a == ZERO, ZERO, a * x)
 
 
 @njit(inline="always", fastmath=ELEMENTARY_FASTMATH, error_model="numpy")

@@ -142,6 +142,12 @@ def sigmoid_pair(x):
 
 
 @cuda.jit(device=True)
+def _safe_mul(a, x):
+    # a term of weight 0 is 0 also at an infinite logit (x = +inf, y = 1: 0 * inf in the negative term)
+    return ZERO if a == ZERO else a * x
+
+
+@cuda.jit(device=True)
 def _ce_loss(x, y, out, row, col, args):
     """(elem, 1) for a present entry, (0, 0) for a missing one."""
     pw, one_m_eps, eps_half, missing, has_missing = args
@@ -149,7 +155,7 @@ def _ce_loss(x, y, out, row, col, args):
         return ZERO, ZERO
     sp_pos, sp_neg = softplus_pair(x)
     ybar = one_m_eps * y + eps_half
-    return pw[col] * ybar * sp_neg + (ONE - ybar) * sp_pos, ONE
+    return _safe_mul(pw[col] * ybar, sp_neg) + _safe_mul(ONE - ybar, sp_pos), ONE
 
 
 @cuda.jit(device=True)

@@ -255,7 +255,8 @@ def _sparse_fwd(z, labels, loss_out, saved_out, w, eps, z_loss, cap, ignore_clas
     eps_c = eps / _f32(c)
     shift, d = _shift_logsum(m, s)
     lse = shift + d
-    loss = one_m_eps * wy * ((shift - zy) + d)
+    wy_bar = one_m_eps * wy  # a term of target weight 0 is skipped, also where z'_y is -inf
+    loss = ZERO if wy_bar == ZERO else wy_bar * ((shift - zy) + d)
     if track:
         loss += eps_c * (a + wt * d)  # wt = sum_c w_c when tracking
     big_w = one_m_eps * wy + eps_c * wt

@@ -9,6 +9,7 @@ Per entry, with ``ybar = (1 - eps) y + eps / 2`` and ``pw`` the positive weight 
 The gradient is written with ``s(-z)``, not as ``s(z) (pw ybar + 1 - ybar) - pw ybar``: at ``z = 20, ybar = 1`` the
 latter rounds ``s(z) - 1`` to 0 in float32, while the exact value ``-s(-20) = -2.06e-9`` is tiny but not 0.
 ``s(z)`` and ``s(-z)`` come from one ``exp(-|z|)`` (:func:`sigmoid_pair`).
+A term of weight 0 is 0 also at an infinite logit (``z = +inf, y = 1`` gives loss 0, not ``0 * inf``).
 Entries whose label equals ``missing_label`` (with ``has_missing``) are dropped. The row loss is the sum over
 present entries, or (``mean_over_labels``) that sum divided by the number present, 0 when none is.
 """
@@ -17,7 +18,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._config import FASTMATH
-from ._simd import HALF, ONE, ZERO, exp_nonpos_f32, log1p_exp_neg_abs, maxnum_f32, select_f32
+from ._simd import HALF, ONE, ZERO, exp_nonpos_f32, log1p_exp_neg_abs, maxnum_f32, safe_mul_f32, select_f32
 
 _f32 = np.float32
 
@@ -40,8 +41,9 @@ def sigmoid_pair(z):
 
 @njit(inline="always", fastmath=FASTMATH, error_model="numpy")
 def _elem_loss(z, ybar, pw):
+    # a term of weight 0 is 0 also at an infinite logit (z = +inf, y = 1: 0 * inf in the negative term)
     sp_pos, sp_neg = softplus_pair(z)
-    return pw * ybar * sp_neg + (ONE - ybar) * sp_pos
+    return safe_mul_f32(pw * ybar, sp_neg) + safe_mul_f32(ONE - ybar, sp_pos)
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")

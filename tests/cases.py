@@ -358,6 +358,41 @@ def check_sparse_masked_classes_with_options(k, c, opts):
     assert np.all(np.isfinite(grad))
 
 
+def check_zero_weight_on_masked_classes(k, c, sparse):
+    """A class of weight 0 whose logit is -inf (a padding class) adds nothing: no 0 * inf = NaN in the loss, also
+    with label smoothing and when it is the label itself (its term is skipped: loss 0 and zero gradient).
+    Gradient against p W - w ybar in float64 (W = sum_c w_c ybar_c)."""
+    rng = np.random.default_rng(c)
+    z = rng.standard_normal((4, c)).astype(f32)
+    z[:, 1::3] = -np.inf
+    w = (rng.random(c) + 0.5).astype(f32)
+    w[1::3] = 0.0
+    y = np.array([0, 1, 2 % c, 1])
+    for eps in (0.0, 0.1):
+        labels = y if sparse else np.eye(c, dtype=f32)[y]
+        loss, _, grad = (k.sparse if sparse else k.dense)(z, labels, w, eps)
+        want = ref.sparse_softmax_ce(z, y, label_smoothing=eps, class_weight=w)
+        np.testing.assert_allclose(loss, want, rtol=1e-5, atol=1e-6)
+        assert np.all(np.isfinite(loss)) and not np.any(np.isnan(grad))
+        p = np.exp(z.astype(np.float64) - np.max(z, -1, keepdims=True))
+        p /= p.sum(-1, keepdims=True)
+        target = w * ((1.0 - eps) * np.eye(c)[y] + eps / c)
+        np.testing.assert_allclose(grad, p * target.sum(-1, keepdims=True) - target, rtol=1e-5, atol=1e-6)
+        assert np.all(grad[:, 1::3] == 0.0)
+
+
+def check_sparse_bad_label_on_all_masked_row(k, c):
+    """A bad label gives NaN (loss and gradient) whatever the logits, also on a row of all -inf (which alone
+    gives loss +inf and a zero gradient); an ignored label gives 0 there too."""
+    z = np.zeros((3, c), f32)
+    z[:2] = -np.inf
+    loss, _, grad = k.sparse(z, np.array([c, -100, 0]), ignore=-100)
+    assert np.isnan(loss[0]) and np.all(np.isnan(grad[0]))
+    assert loss[1] == 0.0 and np.all(grad[1] == 0.0)
+    loss, _, grad = k.sparse(z[:1], np.array([0]))
+    assert loss[0] == np.inf and np.all(grad[0] == 0.0)
+
+
 def check_sparse_ignore_class(k, c, n):
     rng = np.random.default_rng(3)
     z = rng.standard_normal((n, c)).astype(f32)
@@ -495,6 +530,12 @@ def check_sigmoid_extreme_inputs(k):
     # a NaN logit in a missing entry is dropped with it
     loss3, grad3 = k.sigmoid(z, np.where(np.isnan(z), -1.0, y), missing=-1.0, mean=True)
     assert np.isfinite(loss3[0]) and grad3[0, 6] == 0.0
+    # infinite logits on the side of their label: loss 0 (no 0 * inf), gradient 0; on the other side +inf and -1/1
+    zi = np.array([[np.inf, -np.inf], [-np.inf, np.inf]], f32)
+    yi = np.array([[1.0, 0.0], [1.0, 0.0]], f32)
+    loss4, grad4 = k.sigmoid(zi, yi, mean=False)
+    assert loss4[0] == 0.0 and np.all(grad4[0] == 0.0)
+    assert loss4[1] == np.inf and np.array_equal(grad4[1], [-1.0, 1.0])
 
 
 def check_sigmoid_gradient_exact_for_confident_logits(k):

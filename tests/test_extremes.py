@@ -33,6 +33,8 @@ def test_huge_logits_match_reference_softmax(scale):
     (1e30, 0.0, 1e30, 1.0),
     (1e30, 1.0, 0.0, 0.0),
     (-1e30, 0.0, 0.0, 0.0),
+    (INF, 1.0, 0.0, 0.0),  # the other term's weight is 0: no 0 * inf
+    (-INF, 0.0, 0.0, 0.0),
 ])
 def test_binary_ce_never_saturates(z, y, loss, grad):
     value, g = value_and_grad(lambda x: ops.sigmoid_binary_cross_entropy(x, np.array([[y]])), np.array([[z]], np.float32))
@@ -58,6 +60,22 @@ def test_masked_vocabulary_with_softcap_and_z_loss_stays_masked():
     loss, grad = value_and_grad(lambda x: ops.softmax_cross_entropy_with_integer_labels(x, np.array([0]), **options), z)
     np.testing.assert_allclose(loss, ref.sparse_softmax_ce(z, [0], **options), rtol=1e-6)
     assert grad[0, 1] == 0.0 and np.all(np.isfinite(grad))
+
+
+@pytest.mark.parametrize("implementation", ["portable", "numba_cpu"])
+def test_zero_weight_on_a_masked_class_adds_nothing(implementation):
+    """A padding class (weight 0, logit -inf) with label smoothing: no 0 * inf = NaN, in either path."""
+    z = np.array([[2.0, -INF, 0.5, 1.0, -1.0], [0.0, -INF, 1.0, 3.0, 2.0]], np.float32)
+    w = np.array([1.0, 0.0, 1.0, 2.0, 1.0], np.float32)
+    y = np.array([0, 1])
+    for eps in (0.0, 0.1):
+        options = dict(class_weight=w, label_smoothing=eps, implementation=implementation)
+        for fn, labels in [(ops.softmax_cross_entropy_with_integer_labels, y),
+                           (ops.softmax_cross_entropy, np.eye(5, dtype=np.float32)[y])]:
+            loss, grad = value_and_grad(lambda x: fn(x, labels, **options), z)
+            np.testing.assert_allclose(loss, ref.sparse_softmax_ce(z, y, label_smoothing=eps, class_weight=w),
+                                       rtol=1e-6, atol=1e-7)
+            assert np.all(np.isfinite(grad)) and np.all(grad[:, 1] == 0.0)
 
 
 def test_target_at_masked_class_is_infinite_not_nan():

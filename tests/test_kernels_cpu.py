@@ -157,6 +157,17 @@ def test_sparse_masked_classes_with_options(c, opts):
     cases.check_sparse_masked_classes_with_options(K, c, opts)
 
 
+@pytest.mark.parametrize("c", [10, 13, 40])
+def test_sparse_bad_label_on_all_masked_row(c):
+    cases.check_sparse_bad_label_on_all_masked_row(K, c)
+
+
+@pytest.mark.parametrize("c", [10, 20, 1001])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_zero_weight_on_masked_classes(c, sparse):
+    cases.check_zero_weight_on_masked_classes(K, c, sparse)
+
+
 @pytest.mark.parametrize("c", [10, 20, 1001])
 def test_sparse_ignore_class(c):
     cases.check_sparse_ignore_class(K, c, 50)

@@ -249,6 +249,17 @@ def test_sparse_masked_classes_with_options(c, opts):
 
 
 @pytest.mark.parametrize("c", [10, 40])
+def test_sparse_bad_label_on_all_masked_row(c):
+    cases.check_sparse_bad_label_on_all_masked_row(K, c)
+
+
+@pytest.mark.parametrize("c", [10, 40])
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse", "dense"])
+def test_zero_weight_on_masked_classes(c, sparse):
+    cases.check_zero_weight_on_masked_classes(K, c, sparse)
+
+
+@pytest.mark.parametrize("c", [10, 40])
 def test_sparse_ignore_class_and_bad_labels(c):
     cases.check_sparse_ignore_class(K, c, 12)
 
