@@ -185,7 +185,9 @@ class StableMultilabelCE(_StableLoss):
         loss = ops.sigmoid_multilabel_cross_entropy(y_pred, y_true, **self._op_options())
         if self.missing_label is None:
             return loss
-        present = kops.not_equal(y_true, self.missing_label)
+        # labels (B,) for logits (B, 1) are one label per row, as the op reads them (not a row of B labels)
+        labels = ops._same_rank(kops.convert_to_tensor(y_true), y_pred)
+        present = kops.not_equal(labels, self.missing_label)
         return self._mask_rows(loss, kops.any(present, axis=-1), y_pred)
 
 

@@ -117,6 +117,18 @@ def test_multilabel_all_missing_example_is_dropped_from_the_average():
     np.testing.assert_allclose(got, per_example[[0, 2]].mean(), rtol=1e-6)
 
 
+@pytest.mark.parametrize("implementation", ["portable", "numba_cpu"])
+def test_multilabel_missing_labels_without_the_unit_axis_mask_rows(implementation):
+    """Labels (B,) for logits (B, 1), as fit passes them: each row's one label decides whether the row counts
+    (not a reduction over the batch, which had averaged over all B rows)."""
+    z = np.array([[2.0], [-1.0], [0.5], [3.0]], "float32")
+    y = np.array([1.0, -1.0, 0.0, -1.0], "float32")
+    loss = ksh.StableMultilabelCE(missing_label=-1, implementation=implementation)
+    want = ref.multilabel_ce(z, y[:, None], missing_label=-1)[[0, 2]].mean()
+    np.testing.assert_allclose(to_numpy(loss(y, z)), want, rtol=1e-6)
+    np.testing.assert_allclose(to_numpy(loss(y[:, None], z)), want, rtol=1e-6)
+
+
 def test_binary_ce_accepts_labels_without_the_unit_axis():
     z = np.array([[-30.0], [2.0]], "float32")
     np.testing.assert_allclose(to_numpy(ksh.StableBinaryCE()(np.array([1.0, 0.0]), z)),
