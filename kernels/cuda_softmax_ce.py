@@ -83,6 +83,14 @@ pow32 = _elementary(np.power, math.pow, arity=2)
 
 
 @cuda.jit(device=True)
+def sech2_32(x):
+    """1 - tanh(x)^2 as 4 e / (1 + e)^2, e = exp(-2|x|): no cancellation where tanh is near +-1; 0 at +-inf."""
+    e = exp32(-TWO * abs(x))
+    r = ONE / (ONE + e)
+    return (e + e) * r * (TWO * r)
+
+
+@cuda.jit(device=True)
 def softcap32(x, cap, inv_cap):
     """cap * tanh(x / cap), keeping -inf as -inf (a masked class stays masked)."""
     v = cap * tanh32(x * inv_cap)
@@ -174,9 +182,7 @@ def _shift_logsum(m, s):
 def _grad_elem(x, shift, d, k, target, cap, inv_cap, has_cap):
     """softcap'(z) (p K - target), p = exp((z' - shift) - log_sum); softcap' = 1 - tanh^2 is 0 at -inf."""
     if has_cap:
-        t = tanh32(x * inv_cap)
-        zc = NEG_INF if x == NEG_INF else cap * t
-        return (ONE - t * t) * (exp32((zc - shift) - d) * k - target)
+        return sech2_32(x * inv_cap) * (exp32((softcap32(x, cap, inv_cap) - shift) - d) * k - target)
     return exp32((x - shift) - d) * k - target
 
 

@@ -7,6 +7,9 @@ Notation per row: ``z`` logits, ``z' = softcap(z) = cap * tanh(z / cap)`` (``-in
     loss   = sum_c w_c ybar_c (lse - z'_c)  [terms with w_c ybar_c == 0 skipped]  + z_loss * lse^2
     grad_c = dloss * softcap'(z_c) * (p_c (W + 2 z_loss lse) - w_c ybar_c),   softcap' = 1 - (z' / cap)^2
 
+(``softcap'`` computed as ``sech^2(z / cap)`` from ``exp(-2 |z| / cap)``, with no cancellation where ``z'`` is
+near ``+-cap``.)
+
 The forward writes ``loss`` and ``lse`` per row; the backward reads the logits and ``lse`` and writes the
 gradient, each in one pass over the logits. A row whose logits are all ``-inf`` has ``lse = -inf``,
 ``loss = +inf`` and a zero gradient. Sparse only: a row whose label equals ``ignore_class`` (with
@@ -51,6 +54,7 @@ from ._simd import (
     maxnum_f32,
     prefetch_row_f32,
     safe_mul_f32,
+    sech2_f32,
     select_f32,
     stack_scratch_f32,
     add_exact,
@@ -429,18 +433,16 @@ def _row_grad_cap(x, out, i, sh, k, cap, inv_cap):
     # grad_j = softcap'(z_j) p_j K, softcap' = 1 - tanh^2 (0 at -inf, so a masked class gets exactly 0)
     for j in range(x.shape[1]):
         z = x[i, j]
-        t = tanh_f32(z * inv_cap)
-        zc = NEG_INF if z == NEG_INF else cap * t
-        out[i, j] = (ONE - t * t) * (exp_nonpos_f32(zc - sh) * k)
+        zc = NEG_INF if z == NEG_INF else cap * tanh_f32(z * inv_cap)
+        out[i, j] = sech2_f32(z * inv_cap) * (exp_nonpos_f32(zc - sh) * k)
 
 
 @njit(**_inline)
 def _row_grad_eps_cap(x, out, i, sh, k, a, w, cap, inv_cap):
     for j in range(x.shape[1]):
         z = x[i, j]
-        t = tanh_f32(z * inv_cap)
-        zc = NEG_INF if z == NEG_INF else cap * t
-        out[i, j] = (ONE - t * t) * (exp_nonpos_f32(zc - sh) * k - a * w[j])
+        zc = NEG_INF if z == NEG_INF else cap * tanh_f32(z * inv_cap)
+        out[i, j] = sech2_f32(z * inv_cap) * (exp_nonpos_f32(zc - sh) * k - a * w[j])
 
 
 @njit(parallel=True, cache=True, fastmath=FASTMATH, error_model="numpy")
@@ -484,8 +486,7 @@ def _sparse_bwd_rows(logits, labels, lse, dloss, grad_out, w, eps, z_loss, cap, 
         zy = logits[i, y]
         slope = ONE
         if has_cap:
-            t = tanh_f32(zy * inv_cap)
-            slope = ONE - t * t
+            slope = sech2_f32(zy * inv_cap)
             zy = _softcap(zy, cap, inv_cap)
         grad_out[i, y] = g * slope * (exp_nonpos_f32(zy - sh) * (kw * scale) - w[y] * (one_m_eps + eps_c))
 
@@ -543,10 +544,9 @@ def _sparse_bwd_blocks(logits, labels, lse, dloss, grad_out, w, eps, z_loss, cap
                 for r in range(m):
                     z = t[j, r]
                     wybar = wj * select_f32(t[uc + _U3, r] == fj, one_m_eps + eps_c, eps_c)
-                    th = tanh_f32(z * inv_cap)
-                    zc = select_f32(z == NEG_INF, NEG_INF, cap * th)
+                    zc = select_f32(z == NEG_INF, NEG_INF, cap * tanh_f32(z * inv_cap))
                     p = exp_nonpos_f32(zc - t[uc, r]) * t[uc + _U6, r]
-                    v = (ONE - th * th) * (p * t[uc + _U2, r] - t[uc + _U1, r] * wybar)
+                    v = sech2_f32(z * inv_cap) * (p * t[uc + _U2, r] - t[uc + _U1, r] * wybar)
                     t[j, r] = select_f32(t[uc + _U5, r] != ZERO, t[uc + _U4, r], v)
         else:
             for j in range(uc):
@@ -635,10 +635,9 @@ def _dense_bwd_rows(logits, labels, lse, dloss, grad_out, w, eps, z_loss, cap):
         if has_cap:
             for j in range(c):
                 z = logits[i, j]
-                t = tanh_f32(z * inv_cap)
-                zc = NEG_INF if z == NEG_INF else cap * t
+                zc = NEG_INF if z == NEG_INF else cap * tanh_f32(z * inv_cap)
                 wy = w[j] * (one_m_eps * labels[i, j] + eps_c)
-                grad_out[i, j] = (ONE - t * t) * (exp_nonpos_f32(zc - sh) * k - g * wy)
+                grad_out[i, j] = sech2_f32(z * inv_cap) * (exp_nonpos_f32(zc - sh) * k - g * wy)
         else:
             for j in range(c):
                 wy = w[j] * (one_m_eps * labels[i, j] + eps_c)

@@ -78,6 +78,18 @@ def test_zero_weight_on_a_masked_class_adds_nothing(implementation):
             assert np.all(np.isfinite(grad)) and np.all(grad[:, 1] == 0.0)
 
 
+@pytest.mark.parametrize("implementation", ["portable", "numba_cpu"])
+def test_softcap_slope_where_tanh_is_near_one(implementation):
+    """gradient = sech^2(z / cap) p at logits of 3-10 caps (1 - tanh^2 in float32 was 6% off at 8 caps, 0 at 9)."""
+    big = np.array([90.0, 150.0, 240.0, 270.0, 300.0])
+    z = np.stack([np.zeros_like(big), big], -1).astype(np.float32)
+    options = dict(logit_softcap=30.0, implementation=implementation)
+    _, grad = value_and_grad(lambda x: ops.softmax_cross_entropy_with_integer_labels(x, np.zeros(5, int), **options), z)
+    zc = 30.0 * np.tanh(z.astype(np.float64) / 30.0)
+    p1 = 1.0 / (1.0 + np.exp(zc[:, 0] - zc[:, 1]))
+    np.testing.assert_allclose(grad[:, 1], p1 / np.cosh(big / 30.0) ** 2, rtol=2e-5)
+
+
 def test_target_at_masked_class_is_infinite_not_nan():
     z = np.array([[-INF, 1.0, 2.0]], np.float32)
     assert to_numpy(ops.softmax_cross_entropy_with_integer_labels(z, [0]))[0] == INF

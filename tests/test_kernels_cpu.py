@@ -157,6 +157,11 @@ def test_sparse_masked_classes_with_options(c, opts):
     cases.check_sparse_masked_classes_with_options(K, c, opts)
 
 
+@pytest.mark.parametrize("c", [2, 40])
+def test_softcap_slope_far_out(c):
+    cases.check_softcap_slope_far_out(K, c)
+
+
 @pytest.mark.parametrize("c", [10, 13, 40])
 def test_sparse_bad_label_on_all_masked_row(c):
     cases.check_sparse_bad_label_on_all_masked_row(K, c)
