@@ -99,12 +99,12 @@ def softcap(z, cap):
     """
     if cap is None:
         return z, None
-    t = tanh(z / cap)
+    x = z / cap
     masked = ops.isinf(z) & (z < 0)
-    capped = ops.where(masked, z, cap * t)
+    capped = ops.where(masked, z, cap * tanh(x))
     # 1 - t^2 as 4 e / (1 + e)^2, e = exp(-2 |z| / cap): 1 - t^2 cancels where t is near +-1 (float32: 6% off at
     # |z| = 8 cap, 0 from 9 cap); 0 at -inf, so a masked class gets no gradient
-    e = ops.exp(-2.0 * ops.abs(z / cap))
+    e = ops.exp(-2.0 * ops.abs(x))
     r = 1.0 / (1.0 + e)
     return capped, (4.0 * e) * ops.square(r)
 

@@ -25,7 +25,7 @@ import numpy as np
 from numba import cuda, float32
 
 from ._cuda_config import SIGMOID_SAVED_WIDTH, UNROLL
-from .cuda_softmax_ce import ONE, TWO, ZERO, _row_range, exp32, log1p32, pow32, run_rows
+from .cuda_softmax_ce import ONE, TWO, ZERO, _row_range, exp32, log1p32, pow32, run_rows, safe_mul32
 
 _f32 = np.float32
 HALF = _f32(0.5)
@@ -142,12 +142,6 @@ def sigmoid_pair(x):
 
 
 @cuda.jit(device=True)
-def _safe_mul(a, x):
-    # a term of weight 0 is 0 also at an infinite logit (x = +inf, y = 1: 0 * inf in the negative term)
-    return ZERO if a == ZERO else a * x
-
-
-@cuda.jit(device=True)
 def _ce_loss(x, y, out, row, col, args):
     """(elem, 1) for a present entry, (0, 0) for a missing one."""
     pw, one_m_eps, eps_half, missing, has_missing = args
@@ -155,7 +149,8 @@ def _ce_loss(x, y, out, row, col, args):
         return ZERO, ZERO
     sp_pos, sp_neg = softplus_pair(x)
     ybar = one_m_eps * y + eps_half
-    return _safe_mul(pw[col] * ybar, sp_neg) + _safe_mul(ONE - ybar, sp_pos), ONE
+    # a term of weight 0 is 0 also at an infinite logit (x = +inf, y = 1: 0 * inf in the negative term)
+    return safe_mul32(pw[col] * ybar, sp_neg) + safe_mul32(ONE - ybar, sp_pos), ONE
 
 
 @cuda.jit(device=True)

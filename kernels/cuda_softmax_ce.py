@@ -91,6 +91,12 @@ def sech2_32(x):
 
 
 @cuda.jit(device=True)
+def safe_mul32(a, x):
+    """a * x, 0 where a == 0 even if x is infinite: a loss term of weight 0 is skipped (numerics.safe_mul)."""
+    return ZERO if a == ZERO else a * x
+
+
+@cuda.jit(device=True)
 def softcap32(x, cap, inv_cap):
     """cap * tanh(x / cap), keeping -inf as -inf (a masked class stays masked)."""
     v = cap * tanh32(x * inv_cap)
@@ -261,8 +267,7 @@ def _sparse_fwd(z, labels, loss_out, saved_out, w, eps, z_loss, cap, ignore_clas
     eps_c = eps / _f32(c)
     shift, d = _shift_logsum(m, s)
     lse = shift + d
-    wy_bar = one_m_eps * wy  # a term of target weight 0 is skipped, also where z'_y is -inf
-    loss = ZERO if wy_bar == ZERO else wy_bar * ((shift - zy) + d)
+    loss = safe_mul32(one_m_eps * wy, (shift - zy) + d)  # skipped at target weight 0, also where z'_y is -inf
     if track:
         loss += eps_c * (a + wt * d)  # wt = sum_c w_c when tracking
     big_w = one_m_eps * wy + eps_c * wt

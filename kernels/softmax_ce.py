@@ -433,7 +433,7 @@ def _row_grad_cap(x, out, i, sh, k, cap, inv_cap):
     # grad_j = softcap'(z_j) p_j K, softcap' = 1 - tanh^2 (0 at -inf, so a masked class gets exactly 0)
     for j in range(x.shape[1]):
         z = x[i, j]
-        zc = NEG_INF if z == NEG_INF else cap * tanh_f32(z * inv_cap)
+        zc = _softcap(z, cap, inv_cap)
         out[i, j] = sech2_f32(z * inv_cap) * (exp_nonpos_f32(zc - sh) * k)
 
 
@@ -441,7 +441,7 @@ def _row_grad_cap(x, out, i, sh, k, cap, inv_cap):
 def _row_grad_eps_cap(x, out, i, sh, k, a, w, cap, inv_cap):
     for j in range(x.shape[1]):
         z = x[i, j]
-        zc = NEG_INF if z == NEG_INF else cap * tanh_f32(z * inv_cap)
+        zc = _softcap(z, cap, inv_cap)
         out[i, j] = sech2_f32(z * inv_cap) * (exp_nonpos_f32(zc - sh) * k - a * w[j])
 
 
@@ -544,7 +544,7 @@ def _sparse_bwd_blocks(logits, labels, lse, dloss, grad_out, w, eps, z_loss, cap
                 for r in range(m):
                     z = t[j, r]
                     wybar = wj * select_f32(t[uc + _U3, r] == fj, one_m_eps + eps_c, eps_c)
-                    zc = select_f32(z == NEG_INF, NEG_INF, cap * tanh_f32(z * inv_cap))
+                    zc = _softcap(z, cap, inv_cap)
                     p = exp_nonpos_f32(zc - t[uc, r]) * t[uc + _U6, r]
                     v = sech2_f32(z * inv_cap) * (p * t[uc + _U2, r] - t[uc + _U1, r] * wybar)
                     t[j, r] = select_f32(t[uc + _U5, r] != ZERO, t[uc + _U4, r], v)
@@ -635,7 +635,7 @@ def _dense_bwd_rows(logits, labels, lse, dloss, grad_out, w, eps, z_loss, cap):
         if has_cap:
             for j in range(c):
                 z = logits[i, j]
-                zc = NEG_INF if z == NEG_INF else cap * tanh_f32(z * inv_cap)
+                zc = _softcap(z, cap, inv_cap)
                 wy = w[j] * (one_m_eps * labels[i, j] + eps_c)
                 grad_out[i, j] = sech2_f32(z * inv_cap) * (exp_nonpos_f32(zc - sh) * k - g * wy)
         else:
