@@ -20,11 +20,10 @@ import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-if __package__ in (None, ""):
-    sys.path.insert(0, HERE)
-    import harness
-else:
-    from . import harness
+sys.path.insert(0, HERE)
+import _standalone  # noqa: E402
+
+harness = _standalone.harness()
 
 RESULTS = os.path.join(HERE, "results")
 RAW = os.path.join(RESULTS, "gpu_records_h200.jsonl")

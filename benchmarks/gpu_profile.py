@@ -40,9 +40,10 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
-import harness  # noqa: E402  (NumPy only; numba is imported lazily by it)
+import _standalone  # noqa: E402  (the package's harness and kernels, without Keras)
+
+harness = _standalone.harness()  # NumPy only; numba is imported lazily by it
 
 BLOCK_SWEEP = (128, 256, 512, 1024)
 BATCH = 3  # launches per timed sample: the host's launch cost is paid once per sample, not per kernel
@@ -171,19 +172,15 @@ class Simulated:
 
 def kernel_modules():
     """(cuda_softmax_ce, _cuda_config): the package's own (shared with the ops path, compiled once), else the
-    files of ``kernels/`` loaded under a private name (no Keras needed)."""
+    files of ``keras_stable_heads/kernels/`` loaded under a private name (no Keras needed)."""
     try:
         from keras_stable_heads.kernels import _cuda_config, cuda_softmax_ce
 
         return cuda_softmax_ce, _cuda_config
     except Exception:  # keras or the package missing: the kernels need neither
         import importlib
-        import types
 
-        name = "_ksh_profile_kernels"
-        package = types.ModuleType(name)
-        package.__path__ = [os.path.join(ROOT, "kernels")]
-        sys.modules.setdefault(name, package)
+        name = _standalone.load("kernels", "_ksh_profile_kernels", run_init=False).__name__
         return (importlib.import_module(f"{name}.cuda_softmax_ce"), importlib.import_module(f"{name}._cuda_config"))
 
 
@@ -540,7 +537,7 @@ def main(argv=None):
     deadline = harness.Deadline(args.budget_s)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "profile.json")
-    commit, dirty = harness.git_commit(ROOT)
+    commit, dirty = harness.source_commit()
     report = {"device": None, "size": [n, c], "dtype": "float32", "op": "sparse_softmax_ce",
               "timestamp": harness.utc_now(), "commit": commit, "dirty": dirty,
               "versions": harness.versions("torch", "jax", "jaxlib")}

@@ -9,8 +9,7 @@
 # (default 420 s, setup included), its output appended to $OUT/run.log; a step that fails or runs out of time is
 # written down and the next one runs:
 #   0. setup: the wheels of .whl/ into /tmp/site (pip --target, no index); a sitecustomize there that restores
-#      numpy.row_stack (numba-cuda 0.30.4 calls it, NumPy 2.5 removed it); keras_stable_heads/kernels -> ../kernels
-#      (pyproject's package-dir mapping, which a checkout on PYTHONPATH lacks); nvidia-smi, versions, ncu's path.
+#      numpy.row_stack (numba-cuda 0.30.4 calls it, NumPy 2.5 removed it); nvidia-smi, versions, ncu's path.
 #   1. GPU tests: tests/test_kernels_cuda.py and tests/test_cuda_gpu.py with KERAS_BACKEND=torch, then
 #      tests/test_cuda_gpu.py with KERAS_BACKEND=jax (its JAX-vs-portable checks need that backend).
 #   2. bench, torch: `keras-stable-heads bench --gpu` (suite.gpu_plan: 16384x131072 and 8192x32000, float32 and
@@ -19,7 +18,7 @@
 #   3. profile: benchmarks/gpu_profile.py (Numba CUDA kernels at 16384x131072 float32, block-size sweep,
 #      torch.profiler of the steps, ncu if found) -> $OUT/profile.json, $OUT/ncu.txt.
 #   4. bench, jax: as 2 with optax instead of F.cross_entropy.
-#   5. report.py and plot.py over $OUT/records.jsonl -> $OUT/summary.txt (with every step's exit code, the test
+#   5. the report (keras_stable_heads.bench.report) and plot.py over $OUT/records.jsonl -> $OUT/summary.txt (with every step's exit code, the test
 #      summaries and the profile's summary) and two PNGs.
 # What comes back from $OUT (at most 8 files): records.jsonl, summary.txt, run.log, profile.json, ncu.txt, PNGs.
 # Then, on the developer's machine: cat records.jsonl >> benchmarks/results/gpu_harness_records.jsonl.
@@ -88,8 +87,6 @@ EOF
         note "setup: no wheels in .whl/ (run benchmarks/gpu_prepare.sh first): Keras must already be installed"
         export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
     fi
-    # keras_stable_heads.kernels is kernels/ through pyproject's package-dir; a PYTHONPATH checkout needs the link.
-    [ -e keras_stable_heads/kernels ] || ln -sfn ../kernels keras_stable_heads/kernels
 else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -163,9 +160,9 @@ except (OSError, ValueError) as error:
     print(f"no profile: {error}")
 EOF
     echo
-    echo "== report (benchmarks/report.py over $OUT/records.jsonl)"
+    echo "== report (keras_stable_heads.bench.report over $OUT/records.jsonl)"
 } >>"$SUMMARY"
-run_step report "$(limit 30 15)" "$PY" benchmarks/report.py --records "$OUT/records.jsonl" && cat "$LOGS/report.log" >>"$SUMMARY"
+run_step report "$(limit 30 15)" "$PY" -m keras_stable_heads.bench.report --records "$OUT/records.jsonl" && cat "$LOGS/report.log" >>"$SUMMARY"
 run_step plot "$(limit 60 0)" "$PY" benchmarks/plot.py --records "$OUT/records.jsonl" --out "$OUT"
 
 # At most 8 files come back from $OUT: past 8, everything but the four main files goes into one archive.

@@ -3,7 +3,7 @@
     python benchmarks/kernels_cpu_probe.py [--reps 20] [--shapes 8192x1000,4096x32000,65536x10] [--threads N]
                                            [--options plain,all] [--floors] [--out FILE.jsonl]
 
-Loads ``kernels/`` straight from this checkout (no Keras import). Prints, per shape, forward, backward and
+Loads ``keras_stable_heads/kernels/`` on its own (no Keras import; the installed package, else this checkout). Prints, per shape, forward, backward and
 forward+backward of sparse softmax CE in ms, and the effective bandwidth of forward+backward counting 2 reads of
 the logits and 1 write of the gradient. Output buffers are allocated once and reused.
 
@@ -20,7 +20,6 @@ this run) to a JSON Lines file.
 """
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -28,18 +27,14 @@ import time
 
 import numpy as np
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _standalone  # noqa: E402  (the package's kernels and harness, without Keras)
+
 _IN_CACHE_BYTES = 4 << 20  # logits + gradient of the in-cache rows: well inside a 32 MiB L3, near the L2s
 
 
 def load_kernels():
-    path = os.path.join(_ROOT, "kernels")
-    spec = importlib.util.spec_from_file_location("_ksh_kernels", os.path.join(path, "__init__.py"),
-                                                  submodule_search_locations=[path])
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return _standalone.load("kernels", "_ksh_kernels")
 
 
 def best_ms(fn, reps, inner=1):
@@ -134,23 +129,10 @@ def probe(kernels, n, c, reps, rng, options, threads, floors):
     return result
 
 
-def load_harness():
-    """harness.py under the package name that ``keras-stable-heads bench`` gives it (its Numba cache records the
-    module's name), without importing keras_stable_heads (which imports Keras)."""
-    name = "_keras_stable_heads_benchmarks"
-    if name not in sys.modules:
-        folder = os.path.dirname(os.path.abspath(__file__))
-        spec = importlib.util.spec_from_file_location(name, os.path.join(folder, "__init__.py"),
-                                                      submodule_search_locations=[folder])
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return importlib.import_module(f"{name}.harness")
-
-
 def machine_record(threads):
-    harness = load_harness()
+    harness = _standalone.harness()
 
-    commit, dirty = harness.git_commit(_ROOT)
+    commit, dirty = harness.source_commit()
     return {"time": harness.utc_now(), "hardware": harness.hardware(), "versions": harness.versions(),
             "commit": commit, "dirty": dirty, "threads": threads, "load_average": harness.load_average(),
             "bandwidth": harness.host_bandwidth()}

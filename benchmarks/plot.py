@@ -22,7 +22,8 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-import report  # noqa: E402  (the sibling script: loading and de-duplicating records)
+import _standalone  # noqa: E402,F401  (puts the package on the path: the installed one, else this checkout)
+from keras_stable_heads.bench import report  # noqa: E402  (loading and de-duplicating records)
 
 DEFAULT_RECORDS = report.DEFAULT_RECORDS
 BACKENDS = ("tensorflow", "jax", "torch")

@@ -20,16 +20,16 @@ import sys
 import time
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
 BACKENDS = ("tensorflow", "jax", "torch")
 
 
 def _measure_backend(args):
-    sys.path.insert(0, _ROOT)
+    sys.path.insert(0, _HERE)
+    import _standalone  # noqa: F401  (puts the package on the path: the installed one, else this checkout)
     import keras
     import numpy as np
 
-    from benchmarks import harness
+    from keras_stable_heads.bench import harness
     from keras_stable_heads import StableSparseSoftmaxCE, explain
 
     backend = keras.backend.backend()
@@ -44,7 +44,7 @@ def _measure_backend(args):
         "stable/auto": StableSparseSoftmaxCE(),
         "keras": keras.losses.SparseCategoricalCrossentropy(from_logits=True),
     }
-    commit, dirty = harness.git_commit(_ROOT)
+    commit, dirty = harness.source_commit()
     common = dict(run_id=args.run_id, timestamp=harness.utc_now(), commit=commit, dirty=dirty,
                   op="sparse_softmax_ce", backend=backend, device="cpu",
                   device_name=f"{harness.cpu_model()} ({harness.cpu_count()} cores)", dtype="float32",

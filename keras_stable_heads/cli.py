@@ -5,6 +5,8 @@ import argparse
 import os
 import sys
 
+from keras_stable_heads import __version__
+
 
 def quickstart(args):
     """Train a small softmax classifier on seeded synthetic data with StableSoftmaxCE and print the loss."""
@@ -30,10 +32,10 @@ def quickstart(args):
 
 
 def run_bench(args):
-    """``keras-stable-heads bench [--full] [--backend ...]``: benchmarks, from a source checkout."""
-    from keras_stable_heads import bench
+    """``keras-stable-heads bench [--full] [--backend ...]``: benchmarks against the built-ins."""
+    from keras_stable_heads.bench import command
 
-    return bench.main(args.options)
+    return command.main(args.options)
 
 
 def audit(args):
@@ -77,6 +79,7 @@ def run_demo(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="keras-stable-heads", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"keras-stable-heads {__version__}")
     commands = parser.add_subparsers(dest="command")
     quick = commands.add_parser("quickstart", help="train a small model with StableSoftmaxCE and print the loss")
     quick.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
@@ -90,7 +93,7 @@ def main(argv=None):
                        "(probabilities)")
     check.add_argument("--backend", choices=["tensorflow", "jax", "torch"], help="Keras backend (default: KERAS_BACKEND)")
     check.set_defaults(run=audit)
-    # bench parses its own options (keras_stable_heads.bench): they pass through untouched.
+    # bench parses its own options (keras_stable_heads.bench.command): they pass through untouched.
     bench = commands.add_parser("bench", add_help=False, prefix_chars="+",
                                 help="benchmark the losses against the built-ins; --gpu for the GPU plan (bench -h for "
                                 "its options)")
@@ -111,7 +114,7 @@ def main(argv=None):
     show.add_argument("--seed", type=int, default=0, help="seeds the split, the initial weights and the batch order")
     show.set_defaults(run=run_demo)
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help", "--version")):
         argv = ["demo", *argv]  # the default command
     args = parser.parse_args(argv)
     if getattr(args, "inference", None) and not args.fix:

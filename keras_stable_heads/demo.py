@@ -530,9 +530,3 @@ def _write_report(context, results, table, seconds, command):
 def expected_files(tasks=TASKS):
     """The files the demo promises for ``tasks``: the report, the table, the results and each task's plots."""
     return ("report.md", "summary.txt", "results.json") + tuple(name for task in tasks for name in PLOTS[task])
-
-
-if __name__ == "__main__":
-    from .cli import main as _cli_main
-
-    sys.exit(_cli_main(["demo", *sys.argv[1:]]))

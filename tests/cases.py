@@ -6,7 +6,7 @@ Shared by the reference, gradient, extreme-input and peer tests so every op is c
 import dataclasses
 
 import numpy as np
-import reference as ref
+from keras_stable_heads import reference as ref
 
 from keras_stable_heads import ops
 

@@ -1,21 +1,43 @@
-"""Smoke test of the benchmark harness (benchmarks/): values and records, never timings."""
+"""Smoke test of the benchmarks (keras_stable_heads.bench and the checkout's benchmarks/ scripts): values and
+records, never timings."""
 
+import importlib.util
 import json
+import os
+import sys
+import types
 
 import keras
 import numpy as np
 import pytest
 
-from keras_stable_heads import bench
 from keras_stable_heads import cli
+from keras_stable_heads.bench import baselines
+from keras_stable_heads.bench import harness
+from keras_stable_heads.bench import report
+from keras_stable_heads.bench import suite
 
-ROOT = bench.checkout_root()
-pytestmark = pytest.mark.skipif(ROOT is None, reason="benchmarks/ is only in a source checkout")
+# The scripts stay in the checkout (this file's), whether the package under test is installed or the checkout.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCHMARKS = os.path.join(ROOT, "benchmarks")
 
 
 @pytest.fixture(scope="module")
 def benchmarks():
-    return bench.load_benchmarks(ROOT)
+    return types.SimpleNamespace(harness=harness, suite=suite, report=report, baselines=baselines)
+
+
+def _script(name):
+    """``benchmarks/<name>.py`` imported as a module (the scripts find the package through benchmarks/_standalone)."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    module_name = f"_ksh_script_{name}"
+    if module_name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(module_name, os.path.join(BENCHMARKS, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[module_name]
 
 
 def test_measure_counts_calls_and_orders_statistics(benchmarks):
@@ -159,9 +181,7 @@ def test_git_commit_falls_back_to_the_environment(benchmarks, tmp_path, monkeypa
 
 
 def _gpu_convert(benchmarks):
-    import importlib
-
-    return importlib.import_module(f"{benchmarks.__name__}.gpu_convert")
+    return _script("gpu_convert")
 
 
 def test_h200_records_converted_to_the_harness_schema(benchmarks):
@@ -232,9 +252,7 @@ def test_report_lets_the_stable_side_compile_with_xla_as_the_builtins_do(benchma
 
 def test_plot_draws_each_device_and_both_together(benchmarks, tmp_path):
     pytest.importorskip("matplotlib")
-    import importlib
-
-    plot = importlib.import_module(f"{benchmarks.__name__}.plot")
+    plot = _script("plot")
     path = tmp_path / "mixed.jsonl"
     benchmarks.harness.append_records(str(path), _mixed_records(benchmarks))
     assert plot.main(["--records", str(path), "--out", str(tmp_path)]) == 0
@@ -244,9 +262,7 @@ def test_plot_draws_each_device_and_both_together(benchmarks, tmp_path):
 
 
 def test_gpu_collect_appends_a_run_once(benchmarks, tmp_path):
-    import importlib
-
-    collect = importlib.import_module(f"{benchmarks.__name__}.gpu_collect")
+    collect = _script("gpu_collect")
     run = tmp_path / "out"
     results = tmp_path / "results"
     run.mkdir()
@@ -262,9 +278,7 @@ def test_gpu_collect_appends_a_run_once(benchmarks, tmp_path):
 
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="backend-independent: runs once, under torch")
 def test_gpu_profile_runs_on_the_cuda_simulator(tmp_path):
-    import os
     import subprocess
-    import sys
 
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", KERAS_BACKEND="torch")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "gpu_profile.py"), "--simulate",
@@ -281,7 +295,6 @@ def test_gpu_profile_runs_on_the_cuda_simulator(tmp_path):
 
 
 def test_gpu_run_script_parses():
-    import os
     import shutil
     import subprocess
 
@@ -294,9 +307,7 @@ def test_gpu_run_script_parses():
 
 def test_train_step_script_records_both_losses(tmp_path):
     """benchmarks/train_step.py on a tiny model: one record per loss, same training, what "auto" picked."""
-    import os
     import subprocess
-    import sys
 
     out = tmp_path / "train.jsonl"
     backend = keras.backend.backend()
@@ -320,9 +331,7 @@ def test_train_step_script_records_both_losses(tmp_path):
 @pytest.mark.skipif(keras.backend.backend() != "torch", reason="backend-independent: runs once, under torch")
 def test_kernel_probe_records_times_and_floors(tmp_path):
     """benchmarks/kernels_cpu_probe.py --floors: one record per shape and options, the in-cache rate scaled."""
-    import os
     import subprocess
-    import sys
 
     out = tmp_path / "probe.jsonl"
     done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "kernels_cpu_probe.py"), "--reps", "1",

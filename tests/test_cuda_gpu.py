@@ -27,7 +27,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX and torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import reference as ref  # noqa: E402
+from keras_stable_heads import reference as ref  # noqa: E402
 import test_kernels_cuda as kc  # noqa: E402  (the kernels, loaded without the simulator here, and cuda_pair)
 from numba import cuda  # noqa: E402
 

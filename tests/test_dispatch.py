@@ -6,7 +6,7 @@ model.fit with a ragged last batch; the dispatch rules (forced, automatic, fallb
 import keras
 import numpy as np
 import pytest
-import reference as ref
+from keras_stable_heads import reference as ref
 from conftest import value_and_grad
 
 import keras_stable_heads as ksh

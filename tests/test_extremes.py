@@ -4,7 +4,7 @@ low-precision dtypes and ≥ 65,536 rows. Each row of a table asserts a value or
 import keras
 import numpy as np
 import pytest
-import reference as ref
+from keras_stable_heads import reference as ref
 from cases import CASES
 from conftest import to_numpy
 from conftest import value_and_grad

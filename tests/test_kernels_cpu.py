@@ -19,7 +19,7 @@ _TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _TESTS)
 
 import cases  # noqa: E402
-import reference as ref  # noqa: E402
+from keras_stable_heads import reference as ref  # noqa: E402
 from cases import FOCAL_OPTIONS, SOFTMAX_OPTIONS, opts_id, shape_id  # noqa: E402
 
 from keras_stable_heads import _kernel_ops  # noqa: E402
@@ -394,34 +394,78 @@ _ASM_KERNELS = {  # each kernel's dispatcher and example arguments
 }
 
 
-@pytest.mark.parametrize("name", list(_ASM_KERNELS))
-def test_kernel_loops_are_vectorized_without_library_calls(name):
-    """Each kernel's loops are SIMD code (ymm FMAs) with exp/log/pow inlined as polynomials: no call to expf,
-    powf or a log (the softmax forwards take one log per row, of the row's sum, outside the vector loops), no
-    float64 conversion."""
+def _kernel_assembly(name):
+    """The assembly of one kernel of ``_ASM_KERNELS``, compiled afresh for this process's CPU target."""
     from numba import njit
 
     dispatcher, args = _ASM_KERNELS[name]
-    try:
-        options = dict(dispatcher.targetoptions)
-        options.pop("nopython", None)
-        options["cache"] = False  # Numba does not inspect code loaded from its cache
-        options["parallel"] = False  # the same loops, compiled in a third of the time
-        fresh = njit(**options)(dispatcher.py_func)
-        fresh(*args)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            asm = fresh.inspect_asm(fresh.signatures[0])
-    except Exception as exc:  # pragma: no cover - depends on the Numba build
-        pytest.skip(f"assembly inspection unavailable: {exc!r}")
+    options = dict(dispatcher.targetoptions)
+    options.pop("nopython", None)
+    options["cache"] = False  # Numba does not inspect code loaded from its cache
+    options["parallel"] = False  # the same loops, compiled in a third of the time
+    fresh = njit(**options)(dispatcher.py_func)
+    fresh(*args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fresh.inspect_asm(fresh.signatures[0])
+
+
+# A packed single-precision FMA on a 256- or 512-bit register: what LLVM emits for a vectorized loop on any x86
+# machine of this project's kind (AVX2: ymm; AVX-512: zmm where the target prefers 512-bit vectors, ymm where it
+# prefers 256). An operand before the register may be a memory one, e.g. ``(%rbx){1to8}``.
+_WIDE_PACKED_FMA = re.compile(r"vfmadd\w*ps\s+[^\n]*%[yz]mm")
+
+
+def _check_vectorized_without_library_calls(name, asm):
     assert asm.strip(), "empty assembly"
     called = re.findall(r"call\w*\s+([^\s*%]+)", asm) + re.findall(r"movabsq\s+\$([A-Za-z_]\w*)", asm)
     math_calls = {c for c in called if re.fullmatch(r"_*(exp|expf|expm1f?|pow|powf|log|logf|log1pf?)(@\w+)?", c)}
     assert math_calls <= ({"logf"} if name in ("softmax_ce_sparse_fwd", "softmax_focal_fwd") else set()), math_calls
     assert "cvtps2pd" not in asm
-    assert re.search(r"vfmadd\w*ps\s+%ymm", asm), "no 8-lane FMA: the loops did not vectorize"
+    assert _WIDE_PACKED_FMA.search(asm), "no packed ymm/zmm FMA: the loops did not vectorize"
     if name in ("softmax_ce_sparse_fwd", "softmax_focal_fwd"):  # the exp pass prefetches the next row into L2
         assert re.search(r"prefetcht1\s", asm), "no prefetcht1: the next row is not prefetched"
+
+
+def _host_has_avx2_fma():
+    import llvmlite.binding as llvm
+
+    features = llvm.get_host_cpu_features()
+    return bool(features.get("avx2") and features.get("fma"))
+
+
+@pytest.mark.skipif(not _host_has_avx2_fma(), reason="the host has no AVX2/FMA: no 256-bit vector code to look for")
+@pytest.mark.parametrize("name", list(_ASM_KERNELS))
+def test_kernel_loops_are_vectorized_without_library_calls(name):
+    """Each kernel's loops are SIMD code (packed FMAs on ymm or zmm registers) with exp/log/pow inlined as
+    polynomials: no call to expf, powf or a log (the softmax forwards take one log per row, of the row's sum,
+    outside the vector loops), no float64 conversion."""
+    try:
+        asm = _kernel_assembly(name)
+    except Exception as exc:  # pragma: no cover - depends on the Numba build
+        pytest.skip(f"assembly inspection unavailable: {exc!r}")
+    _check_vectorized_without_library_calls(name, asm)
+
+
+@pytest.mark.skipif(os.environ.get("KERAS_BACKEND", "tensorflow") != "jax",
+                    reason="backend-independent and costly (a fresh process per CPU): run with the jax backend only")
+@pytest.mark.parametrize("cpu", ["znver3", "znver4"])  # this project's machines: AVX2 only, and AVX-512 (zmm code)
+def test_vectorization_check_holds_on_both_kinds_of_machine(cpu):
+    """The assembly check passes for code compiled for either kind of machine CI may run on, whichever this
+    one is: Numba compiles for ``NUMBA_CPU_NAME`` in a fresh process, and the check above reads its assembly."""
+    import subprocess
+
+    name = "softmax_ce_sparse_fwd"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import test_kernels_cpu as t; "
+              "sys.stdout.write(t._kernel_assembly(sys.argv[2]))")
+    env = dict(os.environ, NUMBA_CPU_NAME=cpu)
+    env.pop("NUMBA_CPU_FEATURES", None)  # the named CPU's own features, not this host's
+    result = subprocess.run([sys.executable, "-c", script, _TESTS, name], env=env, capture_output=True, text=True,
+                            timeout=240)
+    assert result.returncode == 0, result.stderr[-2000:]
+    _check_vectorized_without_library_calls(name, result.stdout)
+    register = "zmm" if cpu == "znver4" else "ymm"
+    assert re.search(r"vfmadd\w*ps\s+[^\n]*%" + register, result.stdout), f"{cpu}: expected {register} FMAs"
 
 
 def test_cache_dir_selection(tmp_path):

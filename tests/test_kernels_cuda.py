@@ -10,7 +10,7 @@ Numba reads ``NUMBA_ENABLE_CUDASIM`` when ``numba`` is imported, which the CPU k
 
 The blocks are shrunk (BLOCK_THREADS = 64, ITEMS_PER_THREAD = 2, ROWS_PER_BLOCK = 8) so that tiny shapes cover
 several blocks, multi-step reductions, the unrolled streaming loop and its tail. The kernel modules are loaded
-from ``kernels/`` under a private package name without running ``kernels/__init__.py`` (no CPU kernels), and run
+from ``keras_stable_heads/kernels/`` (of the package under test) under a private package name without running ``kernels/__init__.py`` (no CPU kernels), and run
 through ``keras_stable_heads._kernel_ops.cuda_pair``. The checks are shared with the CPU kernels (cases.py).
 
 The simulator runs Python, so it would accept code that Numba's CUDA target rejects (``min`` of two ints, say):
@@ -33,7 +33,10 @@ import pytest
 _TESTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _TESTS)
 
-import reference as ref  # noqa: E402
+from keras_stable_heads import reference as ref  # noqa: E402
+
+# The kernels' folder in the package under test (the installed one, or the checkout's).
+_KERNELS_DIR = os.path.join(os.path.dirname(os.path.abspath(ref.__file__)), "kernels")
 
 
 def _driver_present():
@@ -64,7 +67,7 @@ def _load():
     name = "_ksh_cuda_kernels"
     if name not in sys.modules:
         package = types.ModuleType(name)
-        package.__path__ = [os.path.join(os.path.dirname(_TESTS), "kernels")]
+        package.__path__ = [_KERNELS_DIR]
         sys.modules[name] = package
     return {m: importlib.import_module(f"{name}.{m}") for m in _MODULES + ("_cuda_config",)}
 
@@ -211,8 +214,7 @@ def test_kernels_compile_to_ptx():
     """Every CUDA kernel compiles for a real GPU (the simulator runs Python and accepts code the CUDA target
     rejects), in float32 only."""
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    kernels_dir = os.path.join(os.path.dirname(_TESTS), "kernels")
-    done = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, kernels_dir, ",".join(_MODULES)], env=env,
+    done = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, _KERNELS_DIR, ",".join(_MODULES)], env=env,
                           capture_output=True, text=True, timeout=600)
     if done.returncode == 77:
         pytest.skip(f"NVVM is not available: {done.stdout.strip()[-200:]}")

@@ -3,7 +3,7 @@
 import keras
 import numpy as np
 import pytest
-import reference as ref
+from keras_stable_heads import reference as ref
 from conftest import to_numpy
 
 import keras_stable_heads as ksh

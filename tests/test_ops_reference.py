@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-import reference as ref
+from keras_stable_heads import reference as ref
 from cases import all_cases
 from cases import resolve
 from conftest import to_numpy

@@ -288,6 +288,22 @@ def git_commit(root):
         return fallback
 
 
+def source_commit():
+    """``(commit, dirty)`` of what runs: the source checkout's git commit (see :func:`git_commit`), or for an
+    installed package ``($KSH_BENCH_COMMIT or "keras-stable-heads <version>", None)``."""
+    from . import locations
+
+    if locations.CHECKOUT:
+        return git_commit(locations.CHECKOUT)
+    from importlib import metadata
+
+    try:
+        installed = f"keras-stable-heads {metadata.version('keras-stable-heads')}"
+    except metadata.PackageNotFoundError:
+        installed = None
+    return os.environ.get(COMMIT_ENV) or installed, None
+
+
 def versions(*distributions):
     """Versions of Python, NumPy, Keras, Numba and the named distributions that are installed (none imported)."""
     from importlib import metadata

@@ -1,10 +1,10 @@
-"""``keras-stable-heads bench``: benchmarks against the built-in losses, from a source checkout.
+"""``keras-stable-heads bench``: benchmarks against the built-in losses, from an install or a checkout.
 
-The harness, the baselines and the plan live in the checkout's ``benchmarks/`` folder (they are scripts, not
-part of the installed library, and the exactness column uses ``tests/reference.py``); this module is the
-command-line entry: it parses the options, runs the plan on each asked Keras backend — in this process for the
-current backend, in one subprocess per other backend (Keras fixes its backend per process) — with a progress
-bar on stderr, appends the records to ``--out`` and prints the table.
+The command-line entry of :mod:`keras_stable_heads.bench`: it parses the options, runs the plan on each asked
+Keras backend — in this process for the current backend, in one subprocess per other backend (Keras fixes its
+backend per process) — with a progress bar on stderr, appends the records to ``--out`` (default: the checkout's
+``benchmarks/results/records.jsonl``, or ``keras-stable-heads-bench.jsonl`` in the current folder from an
+install) and prints the table.
 
     keras-stable-heads bench                      # quick: about a minute, the current backend
     keras-stable-heads bench --full --backend all # everything, one process per backend
@@ -14,40 +14,18 @@ bar on stderr, appends the records to ``--out`` and prints the table.
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import secrets
 import subprocess
 import sys
 import time
 
+from . import baselines
+from . import harness
+from . import locations
+from . import report
+
 BACKENDS = ("tensorflow", "jax", "torch")
-_PACKAGE_NAME = "_keras_stable_heads_benchmarks"
-
-
-def checkout_root():
-    """The source checkout holding ``benchmarks/`` and ``tests/reference.py``, or None (an installed wheel)."""
-    candidates = [os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.getcwd()]
-    for root in candidates:
-        if os.path.exists(os.path.join(root, "benchmarks", "suite.py")) and \
-                os.path.exists(os.path.join(root, "tests", "reference.py")):
-            return root
-    return None
-
-
-def load_benchmarks(root):
-    """The checkout's ``benchmarks/`` folder, imported as a package under a private name."""
-    if _PACKAGE_NAME in sys.modules:
-        return sys.modules[_PACKAGE_NAME]
-    folder = os.path.join(root, "benchmarks")
-    spec = importlib.util.spec_from_file_location(_PACKAGE_NAME, os.path.join(folder, "__init__.py"),
-                                                  submodule_search_locations=[folder])
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[_PACKAGE_NAME] = package
-    spec.loader.exec_module(package)
-    for name in ("harness", "baselines", "suite", "report"):
-        importlib.import_module(f"{_PACKAGE_NAME}.{name}")
-    return package
 
 
 def build_parser():
@@ -77,7 +55,8 @@ def build_parser():
     parser.add_argument("--no-extreme", action="store_true", help="skip the extreme-logit exactness case")
     parser.add_argument("--extreme-size", default=None, help="NxC of the extreme-logit case (default 1024x1000)")
     parser.add_argument("--out", default=None, help="records file (JSON Lines, appended; default "
-                                                    "benchmarks/results/records.jsonl in the checkout)")
+                                                    "benchmarks/results/records.jsonl in a checkout, else "
+                                                    f"{locations.INSTALLED_RECORDS} here)")
     parser.add_argument("--bandwidth-mib", type=int, default=512,
                         help="size of the buffer copied to measure memory bandwidth (default 512 MiB)")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -106,7 +85,8 @@ def _split(text, allowed=None, name="value"):
 class ProgressBar:
     """A one-line progress bar on stderr (a line per tenth of the work when stderr is not a terminal)."""
 
-    def __init__(self, title, enabled=True, stream=sys.stderr, width=24):
+    def __init__(self, title, enabled=True, stream=None, width=24):
+        stream = stream or sys.stderr  # the stderr of when the bar is made, not of when this module was imported
         self.title, self.enabled, self.stream, self.width = title, enabled, stream, width
         self.tty = enabled and stream.isatty()
         self.start = time.perf_counter()
@@ -150,10 +130,11 @@ def _terminal_columns():
         return 100
 
 
-def _plan(benchmarks, args):
-    suite = benchmarks.suite
+def _plan(args):
+    from . import suite  # imports Keras: only once the command runs
+
     plan = suite.full_plan() if args.full else suite.gpu_plan() if args.gpu else suite.quick_plan()
-    ops = _split(args.op, benchmarks.baselines.OPS, "op")
+    ops = _split(args.op, baselines.OPS, "op")
     sizes = suite.parse_sizes(args.sizes) if args.sizes else None
     dtypes = _split(args.dtypes, suite.DTYPES, "dtype")
     modes = _split(args.modes, suite.MODES, "mode")
@@ -165,14 +146,16 @@ def _plan(benchmarks, args):
     return plan
 
 
-def run_here(benchmarks, args, out, run_id, deadline=None):
+def run_here(args, out, run_id, deadline=None):
     """Run the plan on the current Keras backend in this process, appending records to ``out``."""
     import keras
 
-    plan = _plan(benchmarks, args)
+    from . import suite
+
+    plan = _plan(args)
     backend = keras.backend.backend()
     bar = ProgressBar(f"bench {backend}", enabled=not args.no_progress)
-    runner = benchmarks.suite.Runner(plan, run_id=run_id, progress=bar, log=bar.write,
+    runner = suite.Runner(plan, run_id=run_id, progress=bar, log=bar.write,
                                      bandwidth_bytes=max(1, args.bandwidth_mib) << 20, deadline=deadline)
     context = runner.measure_context()
     bw = context["bandwidth"]
@@ -181,20 +164,22 @@ def run_here(benchmarks, args, out, run_id, deadline=None):
               + (f", device copy {bw['device_copy_gbs']:.0f} GB/s" if bw.get("device_copy_gbs") else "")
               + (f"; {deadline.left():.0f} s of budget left" if deadline and deadline.at else ""))
     try:
-        records = runner.run(sink=lambda batch: benchmarks.harness.append_records(out, batch))
+        records = runner.run(sink=lambda batch: harness.append_records(out, batch))
     finally:
         bar.close()
     return records
 
 
-def run_child(root, backend, argv, run_id):
-    """Run the same command for one other backend in a subprocess (Keras fixes its backend per process)."""
+def run_child(backend, argv, run_id):
+    """Run the same command for one other backend in a subprocess (Keras fixes its backend per process), with
+    this package first on the path (a checkout that is not installed works too)."""
     env = dict(os.environ, KERAS_BACKEND=backend)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [parent, env.get("PYTHONPATH")]))
     command = [sys.executable, "-m", "keras_stable_heads", "bench", *argv, "--backend", backend,
                "--run-id", run_id, "--child"]
-    return subprocess.run(command, env=env, cwd=root).returncode
+    return subprocess.run(command, env=env).returncode
 
 
 def _strip(argv, names):
@@ -216,12 +201,6 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    root = checkout_root()
-    if root is None:
-        print("keras-stable-heads bench runs from a source checkout (it needs benchmarks/ and tests/reference.py): "
-              "clone the repository and run it there, e.g. `pip install -e .[all] && keras-stable-heads bench`.",
-              file=sys.stderr)
-        return 2
     import keras
 
     current = keras.backend.backend()
@@ -229,30 +208,28 @@ def main(argv=None):
         backends = _split(args.backend, BACKENDS, "backend") or [current]
     except ValueError as error:
         parser.error(str(error))
-    benchmarks = load_benchmarks(root)
     try:
-        _plan(benchmarks, args)  # validate the options once, before any process starts
+        _plan(args)  # validate the options once, before any process starts
     except ValueError as error:
         parser.error(str(error))
-    out = os.path.abspath(args.out or benchmarks.suite.RECORDS)
+    out = os.path.abspath(args.out or locations.default_records())
     run_id = args.run_id or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
     # One deadline for every backend's process (the children get its absolute time).
-    deadline = benchmarks.harness.Deadline(args.budget_s, at=args.deadline)
+    deadline = harness.Deadline(args.budget_s, at=args.deadline)
     child_argv = _strip(argv, {"--backend", "--run-id", "--child", "--out", "--budget-s", "--deadline"}) + \
         ["--out", out] + (["--deadline", repr(deadline.at)] if deadline.at else [])
     status = 0
     for backend in backends:
         if backend == current:
-            run_here(benchmarks, args, out, run_id, deadline)
+            run_here(args, out, run_id, deadline)
         else:
-            code = run_child(root, backend, child_argv, run_id)
+            code = run_child(backend, child_argv, run_id)
             if code != 0:
                 print(f"bench: the {backend} run failed (exit {code})", file=sys.stderr)
                 status = 1
     if args.child:
         return status
-    records = benchmarks.harness.load_records(out, run_id)
-    report = benchmarks.report
+    records = harness.load_records(out, run_id)
     modes = sorted({r["mode"] for r in records if r["case"] == "random"}, reverse=True)
     for mode in modes:
         print(f"\n{mode.replace('_', '+')} (min ms of the timed calls; speed-up = fastest built-in / stable):")
@@ -260,7 +237,8 @@ def main(argv=None):
     if any(r["case"] == "extreme" for r in records):
         print("\nexactness on extreme logits (loss error / gradient error against float64):")
         print(report.format_exactness(records))
-    print(f"\n{len(records)} records appended to {out} (run {run_id}); plots: python benchmarks/plot.py")
+    print(f"\n{len(records)} records appended to {out} (run {run_id}); plots: python benchmarks/plot.py "
+          f"--records {out} (in a checkout)")
     return status
 
 

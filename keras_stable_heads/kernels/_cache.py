@@ -6,7 +6,7 @@ fails ("no locator available"). Two more facts shape what we do:
 
 - an installed package is often read-only, and a home folder may be too;
 - a cache entry records the *module name* it was compiled under and imports that name when loaded, so a cache
-  written by a checkout loaded under another name (tests and benchmarks load ``kernels/`` standalone, without
+  written by a copy loaded under another name (tests and benchmark scripts load this folder standalone, without
   importing Keras) would break a later ``import keras_stable_heads.kernels`` with ModuleNotFoundError.
 
 So ``numba_cache_dir`` sets ``numba.config.CACHE_DIR`` only while the kernel modules are being defined, then

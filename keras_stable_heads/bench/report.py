@@ -1,10 +1,10 @@
 """Tables from benchmark records: the stable op against the fastest built-in, and the exactness table.
 
-    python benchmarks/report.py [--records FILE ...] [--run-id ID] [--markdown]
+    python -m keras_stable_heads.bench.report [--records FILE ...] [--run-id ID] [--markdown]
 
-Standalone (standard library only), so it runs wherever the records are. The default records are the CPU file
-``results/records.jsonl`` and the GPU file ``results/gpu_harness_records.jsonl`` (one schema; ``--records``
-repeats). One section per device. For each backend, op, dtype and size, the *stable* row is the implementation
+Standard library only (with :mod:`.locations`), so it runs wherever the records are. The default records are the
+checkout's CPU file ``benchmarks/results/records.jsonl`` and GPU file ``benchmarks/results/gpu_harness_records.jsonl``
+(one schema; ``--records`` repeats), or from an installed package the current folder's records. One section per device. For each backend, op, dtype and size, the *stable* row is the implementation
 that ``implementation="auto"`` picks for those inputs (what a user gets), the *built-in* row the fastest of
 Keras's loss, ``tf.nn``, ``torch.nn.functional`` and ``optax`` (``+xla`` variants included). Times are the min of
 the timed calls by default (``--stat``; the machines these run on are often shared, and the min is the
@@ -18,8 +18,9 @@ import json
 import os
 import sys
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-DEFAULT_RECORDS = [os.path.join(RESULTS, "records.jsonl"), os.path.join(RESULTS, "gpu_harness_records.jsonl")]
+from . import locations
+
+DEFAULT_RECORDS = locations.committed_records()
 
 
 def load(paths, run_id=None):
@@ -213,8 +214,8 @@ def context_lines(records):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", action="append", default=None,
-                        help="a records file (repeatable; default: results/records.jsonl and "
-                             "results/gpu_harness_records.jsonl)")
+                        help="a records file (repeatable; default: the checkout's benchmarks/results/records.jsonl and "
+                             "gpu_harness_records.jsonl)")
     parser.add_argument("--run-id", help="only this run's records (default: the latest record of each measurement)")
     parser.add_argument("--mode", default="forward_backward", choices=["forward", "forward_backward"])
     parser.add_argument("--stat", default="min", choices=["min", "median", "max"])

@@ -2,7 +2,7 @@
 
 For every (op, size, dtype): the same seeded inputs go to every candidate of :mod:`baselines`; each is timed in
 ``forward`` and ``forward_backward`` mode with :func:`harness.measure`, and its loss and gradient on those same
-inputs are compared with the float64 references of ``tests/reference.py`` (loaded by path, never copied).
+inputs are compared with the float64 references of :mod:`keras_stable_heads.reference` (the tests' own).
 An ``extreme`` case (exactness only) adds logits of scale 1e4 and, for the softmax ops, one masked (``-inf``)
 class per row, plus Keras's loss applied to probabilities (the clipped way) for contrast.
 
@@ -15,7 +15,6 @@ what is left when it passes is recorded as skipped ("time budget spent"), never 
 
 import dataclasses
 import gc
-import importlib.util
 import os
 import sys
 import time
@@ -23,12 +22,9 @@ import traceback
 
 import numpy as np
 
+from .. import reference
 from . import baselines
 from . import harness
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RESULTS = os.path.join(ROOT, "benchmarks", "results")
-RECORDS = os.path.join(RESULTS, "records.jsonl")
 
 MODES = ("forward", "forward_backward")
 DTYPES = ("float32", "bfloat16")
@@ -165,15 +161,6 @@ def gpu_plan():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def load_reference():
-    """``tests/reference.py`` of this checkout, loaded by path (the same float64 references the tests use)."""
-    path = os.path.join(ROOT, "tests", "reference.py")
-    spec = importlib.util.spec_from_file_location("_ksh_bench_reference", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def make_inputs(op, n, c, case, seed=0):
     """Seeded float32 logits and labels (int ids for sparse softmax, one-hot / 0-1 floats otherwise)."""
     rng = np.random.default_rng(seed)
@@ -269,7 +256,7 @@ class Runner:
         self.progress = progress or (lambda done, total, label: None)
         self.log = log or (lambda message: print(message, file=sys.stderr))
         self.fw = baselines.framework(self.backend)
-        self.reference = load_reference()
+        self.reference = reference
         self.done = 0
         self.total = 0
         self.context = None
@@ -282,7 +269,7 @@ class Runner:
     def measure_context(self):
         bandwidth = harness.host_bandwidth(self.bandwidth_bytes)
         bandwidth["device_copy_gbs"] = self.fw.device_copy_gbs(max(self.bandwidth_bytes, 1 << 30))
-        commit, dirty = harness.git_commit(ROOT)
+        commit, dirty = harness.source_commit()
         cpu = f"{harness.cpu_model()} ({harness.cpu_count()} cores)"
         device_name = self.fw.device_name if self.fw.device == "gpu" else cpu
         roofline = bandwidth["device_copy_gbs"] if self.fw.device == "gpu" else bandwidth["copy_threads_gbs"]
