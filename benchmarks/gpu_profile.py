@@ -13,7 +13,7 @@ guarded (a failure is written down and the next part runs), each started only wh
    back-to-back launches (:func:`harness.stats_of`): ms, the bytes each must move (forward: read the logits;
    backward: read them again and write the gradient; plus the per-row vectors), GB/s and the fraction of the
    copy bandwidth.
-3. ``sweep``: the same at ``BLOCK_THREADS`` = 128, 256, 512, 1024 (``kernels/_cuda_config.py``, read at each
+3. ``sweep``: the same at ``BLOCK_THREADS`` = 128, 256, 512, 1024 (``keras_stable_heads/kernels/_cuda_config.py``, read at each
    launch), with the loss compared to the default's (a launch setting must not change it).
 4. ``steps``: ``torch.profiler`` (CUDA activity) of one forward+backward through ``keras_stable_heads.ops``
    with ``implementation="numba_cuda"`` in float32 and bfloat16, of the portable path and of

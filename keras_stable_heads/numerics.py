@@ -3,7 +3,7 @@
 Every loss in :mod:`keras_stable_heads.ops` composes these; none re-derives them. Each numerics trick carries a
 one-line comment right above the line that uses it.
 
-Conventions (shared with the kernels and the float64 references in ``tests/reference.py``):
+Conventions (shared with the kernels and the float64 references in ``reference.py``):
 
 - A logit of ``-inf`` masks its class: probability 0, and no contribution where the class has no target mass.
 - :func:`logsumexp` of a row that is all ``-inf`` is ``-inf`` (not NaN); the losses then report ``+inf`` for it.
