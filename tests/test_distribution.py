@@ -22,16 +22,20 @@ import keras
 import numpy as np
 import pytest
 
+import keras_stable_heads as ksh
+
 BACKEND = keras.backend.backend()
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_distributed_workers.py")
 ROOT = os.path.dirname(os.path.dirname(WORKER))
+# The workers import the package this process tests (the installed wheel in CI, else the checkout).
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(ksh.__file__)))
 CASE_NAMES = [case for case, *_ in workers.CASES]
 
 
 def _run_concurrently(backend, names, timeout=600):
     """Run workers in parallel subprocesses under ``backend``; their RESULT objects by name."""
     env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3", PYTHONHASHSEED="0",
-               PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")])))
     env.pop("TF_USE_LEGACY_KERAS", None)
     procs = {name: subprocess.Popen([sys.executable, WORKER, name], env=env, cwd=ROOT, text=True,
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE) for name in names}
