@@ -351,3 +351,27 @@ def test_kernel_probe_records_times_and_floors(tmp_path):
         for mode in ("fwd", "bwd"):
             ns = r[f"in_cache_{mode}_ns_per_logit_thread"]
             assert ns > 0 and r[f"in_cache_{mode}_ms_full"] == pytest.approx(ns * n * c / 1e6)
+
+
+def test_fit_benchmark_records_both_sides(tmp_path):
+    """keras_stable_heads.bench.fit on a tiny plan in this process: one record per case, both sides timed."""
+    import argparse
+
+    from keras_stable_heads.bench import fit
+
+    out = tmp_path / "fit.jsonl"
+    args = argparse.Namespace(families=["sparse_softmax_ce", "gaussian_nll"], batches=[8], classes=[5], steps=3,
+                              rounds=2, out=str(out), run_id="test")
+    fit._child(args)
+    records = fit.load(str(out))
+    assert [(r["family"], r["classes"], r["batch"]) for r in records] == [("sparse_softmax_ce", 5, 8),
+                                                                          ("gaussian_nll", 5, 8)]
+    for r in records:
+        assert r["backend"] == keras.backend.backend() and r["steps"] == 3 and r["rounds"] == 2
+        assert 0 < r["stable_min_ms"] <= r["stable_median_ms"] and 0 < r["builtin_min_ms"] <= r["builtin_median_ms"]
+        assert r["ratio"] == pytest.approx(r["builtin_min_ms"] / r["stable_min_ms"])
+    from keras_stable_heads import dispatch
+
+    expected = dispatch.choose("sparse_softmax_ce", keras.ops.convert_to_tensor(np.zeros((8, 5), "float32")))
+    assert records[0]["auto_choice"] == expected.implementation
+    assert "sparse_softmax_ce" in fit.table(records)

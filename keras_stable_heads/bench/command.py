@@ -171,15 +171,10 @@ def run_here(args, out, run_id, deadline=None):
 
 
 def run_child(backend, argv, run_id):
-    """Run the same command for one other backend in a subprocess (Keras fixes its backend per process), with
-    this package first on the path (a checkout that is not installed works too)."""
-    env = dict(os.environ, KERAS_BACKEND=backend)
-    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [parent, env.get("PYTHONPATH")]))
+    """Run the same command for one other backend in a subprocess (Keras fixes its backend per process)."""
     command = [sys.executable, "-m", "keras_stable_heads", "bench", *argv, "--backend", backend,
                "--run-id", run_id, "--child"]
-    return subprocess.run(command, env=env).returncode
+    return subprocess.run(command, env=harness.backend_env(backend)).returncode
 
 
 def _strip(argv, names):

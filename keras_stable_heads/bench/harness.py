@@ -206,18 +206,30 @@ def reset_peak_rss():
         return False
 
 
-def peak_rss_mib():
-    """Peak resident memory (``VmHWM``) in MiB since the last :func:`reset_peak_rss`, else of the process."""
+def _proc_status_mib(key):
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmHWM:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mib():
+    """Peak resident memory (``VmHWM``) in MiB since the last :func:`reset_peak_rss`, else of the process."""
+    peak = _proc_status_mib("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def current_rss_mib():
+    """Resident memory (``VmRSS``) in MiB now, or None where /proc is not there."""
+    return _proc_status_mib("VmRSS")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -302,6 +314,16 @@ def source_commit():
     except metadata.PackageNotFoundError:
         installed = None
     return os.environ.get(COMMIT_ENV) or installed, None
+
+
+def backend_env(backend):
+    """The environment for a child process on another Keras backend (Keras fixes its backend per process), with
+    this package's parent folder first on the path (so a checkout that is not installed works too)."""
+    parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, KERAS_BACKEND=backend)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [parent, env.get("PYTHONPATH")]))
+    return env
 
 
 def versions(*distributions):
