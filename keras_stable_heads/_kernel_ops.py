@@ -90,12 +90,53 @@ def _label_width(spec, num_classes):
     return num_classes // 2 if spec.half_labels else num_classes
 
 
+def _frozen(value):
+    """A hashable stand-in for an option's value (per-class weights as a tuple), or raise TypeError."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return tuple(np.ravel(np.asarray(value, np.float32)).tolist())
+
+
 def cpu_pair(op, num_classes, options):
+    """The Numba CPU pair for ``op`` with ``options``: built once per distinct (op, classes, options)."""
+    try:
+        key = (op, int(num_classes), tuple(sorted((name, _frozen(v)) for name, v in options.items())))
+    except (TypeError, ValueError):  # a traced per-class weight: no key, build it every call
+        return _cpu_pair(op, num_classes, options)
+    return _cached_cpu_pair(key)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_cpu_pair(key):
+    op, num_classes, options = key
+    return _cpu_pair(op, num_classes, dict(options))
+
+
+def _serial_when_small(kernel):
+    """``kernel`` run on the calling thread alone when its logits are small (kernels._config.SERIAL_MAX_ELEMENTS)."""
+    import numba
+
+    from .kernels._config import SERIAL_MAX_ELEMENTS
+
+    def call(z, *args):
+        if z.size >= SERIAL_MAX_ELEMENTS:
+            return kernel(z, *args)
+        threads = numba.get_num_threads()
+        numba.set_num_threads(1)
+        try:
+            return kernel(z, *args)
+        finally:
+            numba.set_num_threads(threads)
+
+    return call
+
+
+def _cpu_pair(op, num_classes, options):
     from . import kernels
 
     spec = _SPECS[op]
     args, label_dtype = kernel_args(op, num_classes, options, _host_per_class)
-    fwd, bwd = (getattr(kernels, name) for name in spec.kernels)
+    fwd, bwd = (_serial_when_small(getattr(kernels, name)) for name in spec.kernels)
     if spec.cpu_saved == 0:  # the elementwise kernels keep nothing for the backward
 
         def forward(z, y, loss, saved):

@@ -483,3 +483,27 @@ def test_cache_dir_selection(tmp_path):
     assert _cache.select_cache_dir(_cache.CANONICAL_NAME, pkg, env, lambda p: False) is None
     # the real helper on a real folder
     assert _cache._writable_dir(str(tmp_path / "made" / "here"))
+
+
+def test_cpu_pairs_are_built_once_per_options_and_small_calls_run_on_one_thread():
+    import numba
+
+    options = dict(ignore_class=None, label_smoothing=0.1, class_weight=[1.0, 2.0, 3.0], z_loss=0.0,
+                   logit_softcap=None)
+    first = _kernel_ops.cpu_pair("sparse_softmax_ce", 3, options)
+    again = _kernel_ops.cpu_pair("sparse_softmax_ce", 3, dict(options, class_weight=np.array([1, 2, 3], f32)))
+    assert first is again  # the same weights as a list or an array: one pair
+    assert _kernel_ops.cpu_pair("sparse_softmax_ce", 3, dict(options, label_smoothing=0.2)) is not first
+    threads = numba.get_num_threads()
+    seen = []
+    original = numba.set_num_threads
+    try:
+        numba.set_num_threads = lambda n: seen.append(n) or original(n)
+        z = np.random.default_rng(0).standard_normal((4, 3)).astype(f32)
+        loss, saved = np.empty(4, f32), np.empty((4, 1), f32)
+        first.forward(z, np.array([0, 1, 2, 0], np.int32), loss, saved)
+    finally:
+        numba.set_num_threads = original
+    assert seen == [1, threads] and numba.get_num_threads() == threads  # one thread for the call, then restored
+    np.testing.assert_allclose(loss, ref.sparse_softmax_ce(z, [0, 1, 2, 0], label_smoothing=0.1,
+                                                           class_weight=[1.0, 2.0, 3.0]), rtol=2e-6)
