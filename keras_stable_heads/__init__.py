@@ -7,6 +7,7 @@ distribution                link (inference)    loss here (takes logits / parame
 ==========================  ==================  ========================================
 Bernoulli                   sigmoid             ``StableBinaryCE``
 categorical (one of K)      softmax             ``StableSoftmaxCE`` / ``StableSparseSoftmaxCE``
+large vocabulary (one of V) softmax / logits    ``FusedSparseSoftmaxCE`` (``FusedSoftmaxHead``: no logits)
 independent labels          sigmoid per label   ``StableMultilabelCE``
 Gaussian                    identity (mean)     ``GaussianNLL``
 Laplace                     identity (median)   ``LaplaceNLL``
@@ -41,6 +42,9 @@ from .losses import StableMultilabelCE
 from .losses import StableSoftmaxCE
 from .losses import StableSoftmaxFocalCE
 from .losses import StableSparseSoftmaxCE
+from .vocab_head import FusedSoftmaxHead
+from .vocab_head import FusedSparseSoftmaxCE
+from .vocab_head import FusedTokenAccuracy
 
 __version__ = "0.1.0"
 
@@ -50,6 +54,9 @@ __all__ = [
     "BinaryHead",
     "Finding",
     "Findings",
+    "FusedSoftmaxHead",
+    "FusedSparseSoftmaxCE",
+    "FusedTokenAccuracy",
     "GaussianHead",
     "LaplaceHead",
     "Link",

@@ -276,7 +276,7 @@ def head_of(tensor, flavour):
     history = getattr(tensor, "_keras_history", None)
     while history is not None:
         operation, node_index, tensor_index = history
-        if isinstance(operation, flavour.head_base):
+        if isinstance(operation, flavour.head_base) or _is_fused_head(operation):
             return operation
         if isinstance(operation, flavour.pass_through):
             inputs = keras.tree.flatten(operation._inbound_nodes[node_index].input_tensors)
@@ -292,6 +292,12 @@ def head_of(tensor, flavour):
     return None
 
 
+def _is_fused_head(operation):
+    """A head whose training output is not what it emits at inference (``FusedSoftmaxHead``): it builds its own
+    inference output with ``inference_tensor(training_output)`` instead of a ``Link`` after it."""
+    return callable(getattr(operation, "inference_tensor", None))
+
+
 def inference_model(model, name, flavour):
     """``model``'s inputs and layers, each head output passed through a ``Link`` (see ``heads.inference_model``)."""
     inputs, outputs = flavour.graph(model)
@@ -302,13 +308,15 @@ def inference_model(model, name, flavour):
         if head is None:
             return tensor
         found.append(head)
+        if _is_fused_head(head):
+            return head.inference_tensor(tensor)
         return flavour.link_layer(head.link_name, name=f"{head.name}_{head.link_name}")(tensor)
 
     linked = keras.tree.map_structure(link, outputs)
     if not found:
         raise ValueError(
             f"No output of model '{model.name}' is produced by a head (BinaryHead, SoftmaxHead, MultilabelHead, "
-            "GaussianHead, LaplaceHead). For a model ending in a sigmoid or softmax use "
+            "GaussianHead, LaplaceHead, FusedSoftmaxHead). For a model ending in a sigmoid or softmax use "
             "keras_stable_heads.stabilize(model), which returns both a logits model and an inference model."
         )
     return flavour.model_class(inputs, linked, name=name or f"{model.name}_inference")

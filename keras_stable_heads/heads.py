@@ -171,7 +171,9 @@ def inference_model(model, name=None):
 
     Each output produced by a head gets a :class:`Link` layer: probabilities for ``BinaryHead``,
     ``SoftmaxHead`` and ``MultilabelHead``; ``[mean, std]`` for ``GaussianHead`` and ``[median, scale]`` for
-    ``LaplaceHead`` (on the last axis, location first). Other outputs are passed through unchanged. The layers
+    ``LaplaceHead`` (on the last axis, location first); a ``FusedSoftmaxHead`` (whose training output holds no
+    values) is called again on its hidden states for its ``inference_output``, logits or probabilities. Other
+    outputs are passed through unchanged. The layers
     are shared, not copied: training ``model`` further updates the inference model too.
 
     Args:

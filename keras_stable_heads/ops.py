@@ -32,6 +32,7 @@ __all__ = [
     "softmax_focal_cross_entropy",
     "gaussian_nll",
     "laplace_nll",
+    "linear_softmax_cross_entropy_with_integer_labels",
 ]
 
 
@@ -248,9 +249,21 @@ def softmax_cross_entropy_with_integer_labels(
         options = dict(ignore_class=ignore_class, label_smoothing=eps, class_weight=class_weight, z_loss=z_loss,
                        logit_softcap=cap)
         return dispatch.run(choice, "sparse_softmax_ce", logits, labels, options)
-    dtype = logits.dtype
-    w = _per_class(class_weight, num_classes, dtype, "class_weight")
+    w = _per_class(class_weight, num_classes, logits.dtype, "class_weight")
+    forward = _sparse_softmax_ce_forward(labels, num_classes, logits.dtype, ignore_class=ignore_class, eps=eps, w=w,
+                                        z_loss=z_loss, cap=cap)
+    return fused(forward)(logits)
 
+
+def _sparse_softmax_ce_forward(labels, num_classes, dtype, *, ignore_class, eps, w, z_loss, cap):
+    """The portable sparse softmax cross-entropy for fixed integer ``labels``, as ``forward(logits) -> (loss, vjp)``.
+
+    The one piece of code behind :func:`softmax_cross_entropy_with_integer_labels` (which wraps it with
+    :func:`numerics.fused`) and the chunks of the fused linear cross-entropy (:mod:`keras_stable_heads.linear_ce`,
+    which calls it on each chunk of logits). Options are validated already: ``eps`` the label smoothing, ``w`` the
+    class weights as a tensor or None, ``cap`` the softcap or None. ``vjp(upstream)`` is d loss / d logits times
+    the per-example ``upstream``.
+    """
     in_range = ops.logical_and(labels >= 0, labels < num_classes)
     ignored = ops.zeros_like(in_range) if ignore_class is None else ops.equal(labels, ignore_class)
     kept = ops.logical_and(in_range, ops.logical_not(ignored))
@@ -286,7 +299,7 @@ def softmax_cross_entropy_with_integer_labels(
 
         return loss, vjp
 
-    return fused(forward)(logits)
+    return forward
 
 
 def _mark_labels(value, kept, invalid):
@@ -582,3 +595,7 @@ def laplace_nll(y_pred, y_true, *, full=False, implementation=None):
     loss = _location_scale_nll(y_pred, y_true, _laplace_terms, "laplace_nll", implementation)
     # log Laplace(y | m, b) = -log b - |y - m| / b - log 2
     return loss + 0.6931471805599453 if full else loss
+
+
+# The fused output projection + sparse softmax CE; it builds on the helpers above, so it is imported last.
+from .linear_ce import linear_softmax_cross_entropy_with_integer_labels  # noqa: E402

@@ -68,6 +68,16 @@ def sparse_softmax_ce(logits, labels, *, ignore_class=None, **kwargs):
     return np.where(ignored, 0.0, loss)
 
 
+def linear_sparse_softmax_ce(hidden, kernel, labels, *, bias=None, transpose_kernel=False, **kwargs):
+    """sparse_softmax_ce of the logits hidden @ kernel (+ bias), computed in float64; kernel (D, V), or (V, D)
+    with transpose_kernel. The reference of the fused linear cross-entropy (keras_stable_heads.linear_ce)."""
+    w = _f64(kernel)
+    logits = _f64(hidden) @ (w.T if transpose_kernel else w)
+    if bias is not None:
+        logits = logits + _f64(bias)
+    return sparse_softmax_ce(logits, labels, **kwargs)
+
+
 def log_sigmoid(z):
     z = _f64(z)
     return -np.logaddexp(0.0, -z)
