@@ -31,6 +31,11 @@ import sys
 import time
 
 TASKS = ("regression", "binary", "multiclass", "multilabel")
+#: tasks that run only when asked for with --task (not in the default minute): the large-vocabulary head.
+OPT_IN_TASKS = ("vocabulary",)
+#: the vocabulary task: one training step of a VOCABULARY["vocab"]-way head on synthetic hidden states, fused
+#: against Dense + Keras's loss, each in a process of its own (peak memory is per process); about a minute.
+VOCABULARY = {"tokens": 2048, "hidden": 256, "vocab": 65536, "reps": 2}
 CIFAR_TASKS = ("binary", "multiclass")
 DEFAULT_OUT = "keras-stable-heads-demo"
 #: epochs per task with the bundled data sets / with CIFAR-10 (``--epochs`` sets one number for every task).
@@ -51,6 +56,7 @@ PLOTS = {
     "binary": ("saturation.png", "binary_curves.png"),
     "multiclass": ("multiclass_curves.png",),
     "multilabel": ("winner_takes_all.png", "multilabel_curves.png"),
+    "vocabulary": ("vocabulary_step.png",),
 }
 CIFAR_HINT = ("CIFAR-10 is not cached in {home}/datasets: run `python -c \"import keras; "
               "keras.datasets.cifar10.load_data()\"` once (about 170 MB), then rerun.")
@@ -185,8 +191,8 @@ def _tasks(tasks, dataset):
     if dataset not in ("bundled", "cifar10"):
         raise DemoError(f"unknown dataset {dataset!r}: use 'bundled' (scikit-learn's) or 'cifar10'.")
     if not tasks or "all" in tasks:
-        return available
-    wrong = [task for task in tasks if task not in available]
+        return available + tuple(task for task in tasks or () if task in OPT_IN_TASKS)
+    wrong = [task for task in tasks if task not in available + OPT_IN_TASKS]
     if wrong:
         raise DemoError(f"--dataset {dataset} has no task {', '.join(wrong)} (it has: {', '.join(available)}).")
     return tuple(dict.fromkeys(tasks))
@@ -413,7 +419,58 @@ def _tensorflow_note(activation, loss):
             "stable one (on JAX and PyTorch it is clipped). Sigmoid + MSE saturates on every backend.")
 
 
-_RUNNERS = {"regression": _regression, "binary": _binary, "multiclass": _multiclass, "multilabel": _multilabel}
+def _vocabulary(context):
+    """One training step of a large-vocabulary head: FusedSoftmaxHead (the logits never exist) against
+    Dense(V) + Keras's loss, on this backend, with keras_stable_heads.bench.lm_head (the benchmark's own code)."""
+    import types
+
+    import keras
+
+    from .bench import lm_head
+
+    setup = VOCABULARY
+    args = types.SimpleNamespace(tokens=setup["tokens"], hidden=setup["hidden"], reps=setup["reps"], memory_gib=20.0,
+                                 out=os.path.join(context.out, "vocabulary_records.jsonl"), run_id=None)
+    echo = lambda line: print(f"vocabulary: {line.strip()}", file=context.progress_stream, flush=True)  # noqa: E731
+    lm_head.run(args, (keras.backend.backend(),), ("fused", "dense+keras"), (setup["vocab"],), echo=echo)
+    records = lm_head.load(args.out, args.run_id)
+    names = {"fused": "FusedSoftmaxHead + its loss", "dense+keras": "Dense(V) + SparseCategoricalCE(logits)"}
+    rows, measured = [], {}
+    for r in records:
+        if r["skipped"]:
+            cells = ["vocabulary", names[r["variant"]], "—", f"skipped: {r['skipped']}", "—", "—", "—"]
+        else:
+            measured[r["variant"]] = r
+            cells = ["vocabulary", names[r["variant"]], "—",
+                     f"step {r['min_ms']:.0f} ms, peak RSS {r['peak_rss_mib']:.0f} MiB", "—",
+                     _format(r["first_loss"], 4), "—"]
+        rows.append({"task": "vocabulary", "pairing": names[r["variant"]], "stable": r["variant"] == "fused",
+                     "record": r, "cells": cells})
+    notes = [f"`{setup['tokens']}` tokens of `{setup['hidden']}` hidden values, a `{setup['vocab']}`-way softmax "
+             f"head, Adam; each variant runs in a process of its own (peak RSS is that process's, the framework "
+             f"included); time is the min of {setup['reps']} steps after a warm-up step. The full-size benchmark "
+             "(4096 tokens, 512 hidden, 131,072 classes, every backend) is `python -m keras_stable_heads.bench.lm_head`."]
+    fused, dense = measured.get("fused"), measured.get("dense+keras")
+    if fused and dense:
+        notes.append(f"Fused / Dense + Keras's loss: step time {fused['min_ms'] / dense['min_ms']:.2f}x, peak RSS "
+                     f"{fused['peak_rss_mib'] / dense['peak_rss_mib']:.2f}x (the step's own memory, peak minus the "
+                     f"RSS before it: {fused['peak_rss_mib'] - fused['rss_before_mib']:.0f} against "
+                     f"{dense['peak_rss_mib'] - dense['rss_before_mib']:.0f} MiB); the (tokens x vocabulary) logits "
+                     f"alone are {setup['tokens'] * setup['vocab'] * 4 / (1 << 20):.0f} MiB.")
+    plots = {}
+    if records:
+        lm_head.plot(records, os.path.join(context.out, "vocabulary_step.png"))
+        plots["vocabulary_step.png"] = "Step time and peak resident memory of one training step, per variant."
+    result = TaskResult("vocabulary", "Large vocabulary: the fused head against Dense + Keras's loss",
+                        f"synthetic hidden states and token ids (seed 0), {setup['vocab']} classes", [], rows, plots,
+                        notes)
+    result.extra["setup"] = (f"one step of {setup['tokens']} tokens after a warm-up step, min of {setup['reps']}, "
+                             "Adam(0.001)")
+    return result
+
+
+_RUNNERS = {"regression": _regression, "binary": _binary, "multiclass": _multiclass, "multilabel": _multilabel,
+            "vocabulary": _vocabulary}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -434,6 +491,9 @@ def _table_rows(results):
     rows = []
     for result in results.values():
         for row in result.rows:
+            if "cells" in row:  # a task that measures rather than trains to a target (vocabulary)
+                rows.append(row["cells"])
+                continue
             target = row["target"]
             reached = row["epochs_to_target"]
             target_text = (f"MAE ≤ {target:.3f}" if row["metric"] == "MAE" else f"{row['metric']} ≥ {target:g}")
@@ -504,9 +564,13 @@ def _write_report(context, results, table, seconds, command):
         "",
     ]
     for result in results.values():
-        _, batch_size, learning_rate = context.settings(result.name)
-        lines += [f"## {result.title}", "", f"Data: {result.data}. {context.epochs_for(result.name)} epochs, "
-                  f"batch {batch_size}, Adam({learning_rate:g}), seed {context.seed}; {result.seconds:.0f} s.", ""]
+        if "setup" in result.extra:
+            setup = result.extra["setup"]
+        else:
+            _, batch_size, learning_rate = context.settings(result.name)
+            setup = (f"{context.epochs_for(result.name)} epochs, batch {batch_size}, Adam({learning_rate:g}), "
+                     f"seed {context.seed}")
+        lines += [f"## {result.title}", "", f"Data: {result.data}. {setup}; {result.seconds:.0f} s.", ""]
         for note in result.notes:
             lines += [note, ""]
         for name, caption in result.plots.items():

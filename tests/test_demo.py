@@ -156,3 +156,24 @@ def test_cifar10_is_read_from_the_cache_only(tmp_path):
     raw = np.round(binary.x_train[:, 0, 0, 0] * 255).astype(int)
     assert set(raw) <= {0, 2} and np.array_equal(binary.y_train[:, 0], raw == 2)  # bird (2) = 1, airplane (0) = 0
     assert len(binary.x_train) % 16 == 0 and multiclass.x_train.shape[1:] == (32, 32, 3)
+
+
+def test_vocabulary_task_measures_the_fused_head_against_dense(monkeypatch, tmp_path):
+    """The opt-in vocabulary task, shrunk: both variants measured in their own processes, rows, plot, records."""
+    monkeypatch.setattr(demo, "VOCABULARY", {"tokens": 64, "hidden": 8, "vocab": 512, "reps": 1})
+    printed, progress = io.StringIO(), io.StringIO()
+    results = demo.run(out=str(tmp_path), tasks=["vocabulary"], stream=printed, progress_stream=progress)
+    result = results["vocabulary"]
+    assert [row["pairing"] for row in result.rows] == ["FusedSoftmaxHead + its loss",
+                                                        "Dense(V) + SparseCategoricalCE(logits)"]
+    for row in result.rows:
+        record = row["record"]
+        assert record["skipped"] is None, record["skipped"]
+        assert record["backend"] == BACKEND and record["vocab"] == 512 and record["tokens"] == 64
+        assert 0 < record["min_ms"] and record["peak_rss_mib"] >= record["rss_before_mib"] > 0
+        assert abs(record["first_loss"] - np.log(512)) < 0.5  # a fresh head: about uniform over the vocabulary
+    assert "vocabulary" in printed.getvalue() and "peak RSS" in printed.getvalue()
+    assert (tmp_path / "vocabulary_step.png").read_bytes()[:8] == PNG_SIGNATURE
+    assert "Fused / Dense" in (tmp_path / "report.md").read_text()
+    # not part of the default minute
+    assert "vocabulary" not in demo._tasks(None, "bundled") and "vocabulary" not in demo._tasks(["all"], "bundled")

@@ -185,13 +185,11 @@ def table(records):
 
 def plot(records, path):
     """builtin/stable per family, one panel per (batch, classes), bars per backend; 1.0 is 'as fast'."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
 
     panels = sorted({(r["batch"], r["classes"]) for r in records})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 4.2), squeeze=False)
+    fig = Figure(figsize=(4.2 * len(panels), 4.2), layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)
     colors = {"tensorflow": "#ef6c00", "jax": "#1565c0", "torch": "#c62828"}
     for ax, (batch, classes) in zip(axes[0], panels):
         chosen = [r for r in records if (r["batch"], r["classes"]) == (batch, classes)]
@@ -209,9 +207,7 @@ def plot(records, path):
     first = records[0]
     fig.suptitle(f"model.fit time per step, MLP {FEATURES}-{HIDDEN}-C, Adam; {first['device_name']}; "
                  f"run {first['run_id']}", fontsize=9)
-    fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 
