@@ -263,3 +263,17 @@ __all__ = [
     "SoftmaxHead",
     "inference_model",
 ]
+
+#: Keras 3 objects with no tf_keras twin. The fused vocabulary head hands its loss the hidden states as a Keras 3
+#: tensor attribute and runs the fused linear cross-entropy through keras.ops on any backend; tf_keras has neither.
+#: Asking for one here raises an AttributeError that says so, rather than a bare "no attribute".
+KERAS3_ONLY = ("FusedSoftmaxHead", "FusedSparseSoftmaxCE", "FusedTokenAccuracy")
+
+
+def __getattr__(name):
+    if name in KERAS3_ONLY:
+        raise AttributeError(
+            f"keras_stable_heads.tf_keras has no {name}: the fused vocabulary head needs Keras 3 (it passes the hidden "
+            f"states to its loss as a Keras 3 tensor attribute). Use keras_stable_heads.{name} with Keras 3, or, in "
+            "tf_keras, Dense(V) with StableSparseSoftmaxCE.")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -75,7 +75,7 @@ def _public_classes(module, base):
 
 def test_every_public_loss_has_a_registered_tf_keras_twin(tfk):
     tf_keras, module = tfk
-    public = _public_classes(ksh, keras.losses.Loss)
+    public = [name for name in _public_classes(ksh, keras.losses.Loss) if name not in module.KERAS3_ONLY]
     assert public == _public_classes(module, tf_keras.losses.Loss) == sorted(NAMES)
     for name in public:
         cls = getattr(module, name)
@@ -83,6 +83,14 @@ def test_every_public_loss_has_a_registered_tf_keras_twin(tfk):
         assert cls._options == getattr(ksh, name)._options
         assert tf_keras.saving.get_registered_name(cls) == f"keras_stable_heads>{name}"
         assert tf_keras.saving.get_registered_object(f"keras_stable_heads>{name}") is cls
+
+
+@pytest.mark.parametrize("name", ["FusedSoftmaxHead", "FusedSparseSoftmaxCE", "FusedTokenAccuracy"])
+def test_keras3_only_objects_say_so(tfk, name):
+    _, module = tfk
+    assert name in module.KERAS3_ONLY and hasattr(ksh, name)  # the Keras 3 object exists
+    with pytest.raises(AttributeError, match="needs Keras 3"):
+        getattr(module, name)
 
 
 @pytest.mark.parametrize("name", NAMES)
