@@ -23,6 +23,7 @@ import dataclasses
 import keras
 from keras import ops as kops
 from keras.src.backend import get_keras_mask
+from keras.src.backend.common import global_state
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.backend.common.symbolic_scope import in_symbolic_scope
 from keras.src.backend.common.tensor_attributes import get_tensor_attr
@@ -295,11 +296,28 @@ class FusedSoftmaxHead(keras.layers.Layer):
         kernel = kops.convert_to_tensor(self.kernel)
         bias = None if self.bias is None else kops.convert_to_tensor(self.bias)
         if output == "fused":
+            self._check_compiled_loss()
             empty = kops.cast(hidden[..., :0], "float32")
             set_tensor_attr(empty, _PAYLOAD, _Payload(self, hidden, kernel, bias, mask))
             return empty
         logits = linear_ce.logits(hidden, kernel, bias=bias)
         return kops.softmax(logits, axis=-1) if output == "probabilities" else logits
+
+    def _check_compiled_loss(self):
+        """Raise when the model being called (``fit``/``evaluate``) was compiled with losses of which none is a
+        :class:`FusedSparseSoftmaxCE`: a plain loss given the empty training output would compute nothing (on JAX,
+        Keras's sparse cross-entropy of zero classes is a silent 0) or fail obscurely."""
+        context = global_state.get_global_attribute("current_call_ctx")
+        model = getattr(context, "entry_layer", None)
+        compiled = getattr(model, "_compile_loss", None)
+        losses = [loss for loss in keras.tree.flatten(getattr(compiled, "_user_loss", None)) if loss is not None]
+        if losses and not any(isinstance(loss, FusedSparseSoftmaxCE) for loss in losses):
+            names = ", ".join(loss if isinstance(loss, str) else type(loss).__name__ for loss in losses)
+            raise ValueError(
+                f"Model '{model.name}' is compiled with loss {names}, but FusedSoftmaxHead '{self.name}' emits no "
+                "logits in training (its output only carries the hidden states to FusedSparseSoftmaxCE). Compile "
+                "with loss=head.loss(...), or use SoftmaxHead/Dense for a loss that needs the logits."
+            )
 
     def compute_output_spec(self, inputs, mask=None, output=None):
         width = 0 if output in (None, "fused") else self.num_classes

@@ -41,8 +41,8 @@ def _problem(rng, leading=(2, 7), dim=5, classes=11, ignore=True):
 
 
 def _compiled(fn):
-    """``fn`` traced once (``jax.jit``, ``tf.function``): a gradient check calls it ~100 times, and eagerly each call
-    would run the chunk loop op by op (torch runs it eagerly, as Keras does)."""
+    """``fn`` compiled once (``jax.jit``, ``tf.function(jit_compile=True)``): a gradient check calls it ~100 times,
+    and eagerly each call would run the chunk loop op by op (torch runs it eagerly, as Keras does)."""
     if BACKEND == "jax":
         import jax
 
@@ -50,7 +50,7 @@ def _compiled(fn):
     if BACKEND == "tensorflow":
         import tensorflow as tf
 
-        return tf.function(fn, reduce_retracing=True)
+        return tf.function(fn, jit_compile=True, reduce_retracing=True)
     return fn
 
 
@@ -77,7 +77,7 @@ def _grads(fn, args, index):
 
 
 @pytest.mark.parametrize("name", list(OPTIONS))
-@pytest.mark.parametrize("chunk_size", [4, 5, None])  # 14 tokens, 11 classes: neither divides
+@pytest.mark.parametrize("chunk_size", [4, None])  # 14 tokens, 11 classes: 4 divides neither
 @pytest.mark.parametrize("transpose_kernel", [False, True])
 def test_loss_matches_float64_reference(name, chunk_size, transpose_kernel):
     options = OPTIONS[name]
@@ -138,7 +138,9 @@ def test_float64_gradient_of_a_tied_kernel_without_bias():
 @pytest.mark.parametrize("name", ["plain", "all"])
 def test_equals_the_unfused_op_loss_and_gradients(name, implementation):
     """The fused op == softmax_cross_entropy_with_integer_labels(hidden @ kernel + bias) on this backend, with each
-    chunk's softmax in the Numba kernels (None: "auto" takes them on torch and TensorFlow) or in keras.ops."""
+    chunk's softmax as "auto" picks it (the Numba kernels on torch and eager TensorFlow) or in keras.ops."""
+    if BACKEND == "jax" and implementation == "portable":
+        pytest.skip("on JAX 'auto' is the portable path")
     options = dict(OPTIONS[name], implementation=implementation)
     rng = np.random.default_rng(4)
     hidden, kernel, bias, labels = _problem(rng, ignore="ignore_class" in options)
@@ -394,7 +396,8 @@ def _models(head_kwargs=None, mask_zero=False):
     head = ksh.FusedSoftmaxHead(V, name="vocab", **(head_kwargs or {}))
     fused_model = keras.Model(tokens, head(hidden))
     twin_tokens = keras.Input((T,), dtype="int32")
-    twin_hidden = keras.layers.Dense(D, activation="tanh")(keras.layers.Embedding(20, D, mask_zero=mask_zero)(twin_tokens))
+    twin_embedded = keras.layers.Embedding(20, D, mask_zero=mask_zero)(twin_tokens)
+    twin_hidden = keras.layers.Dense(D, activation="tanh")(twin_embedded)
     twin = keras.Model(twin_tokens, keras.layers.Dense(V, use_bias=head.use_bias)(twin_hidden))
     twin.set_weights(fused_model.get_weights())
     return fused_model, head, twin
@@ -409,9 +412,10 @@ def _data(seed=0, n=8):
 
 
 def test_fit_decreases_and_equals_dense_with_stable_loss():
+    """Batches of 4, 4 and 2: TensorFlow retraces the step with an unknown batch size (a dynamic token count)."""
     model, head, twin = _models()
-    x, y = _data()
-    sample_weight = np.linspace(0.5, 1.5, 8 * T).reshape(8, T)  # per token (temporal), as Keras takes them
+    x, y = _data(n=10)
+    sample_weight = np.linspace(0.5, 1.5, 10 * T).reshape(10, T)  # per token (temporal), as Keras takes them
     model.compile(optimizer=keras.optimizers.SGD(0.5), loss=head.loss(ignore_class=-1, chunk_size=7))
     twin.compile(optimizer=keras.optimizers.SGD(0.5), loss=ksh.StableSparseSoftmaxCE(ignore_class=-1))
     history = model.fit(x, y, sample_weight=sample_weight, epochs=4, batch_size=4, shuffle=False, verbose=0).history
@@ -517,5 +521,8 @@ def test_plain_metrics_and_wrong_pairings_raise():
         ksh.FusedTokenAccuracy().update_state(y, model(x))
     with pytest.raises(ValueError, match="FusedSoftmaxHead"):
         head.loss()(y, twin(x))
+    plain.compile(loss="sparse_categorical_crossentropy")  # on JAX it would be a silent 0: the head refuses it
+    with pytest.raises(ValueError, match="head.loss"):
+        plain.evaluate(x, np.abs(y), verbose=0)
     with pytest.raises(ValueError, match="inference_output"):
         ksh.FusedSoftmaxHead(V, inference_output="argmax")
