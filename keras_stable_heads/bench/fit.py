@@ -27,7 +27,6 @@ prints cProfile's top functions of a few hundred steps of each side instead.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -168,10 +167,8 @@ def _profile(args):
 
 
 def load(path, run_id=None):
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    run_id = run_id or (records[-1]["run_id"] if records else None)
-    return [r for r in records if r["run_id"] == run_id]
+    """The records of run ``run_id`` in ``path``, or of its last run."""
+    return harness.load_run(path, run_id)
 
 
 def table(records):

@@ -377,6 +377,13 @@ def append_records(path, records):
             f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
+def load_run(path, run_id=None):
+    """The records of run ``run_id`` in ``path``, or of the last run there (the run of its last record)."""
+    records = load_records(path)
+    run_id = run_id or (records[-1].get("run_id") if records else None)
+    return [r for r in records if r.get("run_id") == run_id]
+
+
 def load_records(path, run_id=None):
     """The records in ``path`` (all, or those of one ``run_id``); lines that are not JSON are skipped.
     ``path`` may be a list of files (read in order; missing files give no records). The reader itself lives in

@@ -21,7 +21,6 @@ Benchmarks are measurements, never tests: compare only records of one run.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -125,11 +124,8 @@ def _record(args, backend, variant, vocab, **fields):
 
 
 def load(path, run_id=None):
-    with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    if run_id is None and records:
-        run_id = records[-1]["run_id"]
-    return [r for r in records if r["run_id"] == run_id]
+    """The records of run ``run_id`` in ``path``, or of its last run."""
+    return harness.load_run(path, run_id)
 
 
 def table(records):
