@@ -4,7 +4,7 @@
 #
 #   1. build the sdist, and the wheel from that sdist (python -m build), into dist/;
 #   2. install the wheel with its test extras into a fresh virtual environment (.venv-test/), not the checkout;
-#   3. run tests/ with that environment's Python from outside the package's folder (KSH_TEST_INSTALLED=1: the
+#   3. run tests/ with that environment's pytest executable, so the checkout is never on sys.path (KSH_TEST_INSTALLED=1: the
 #      suite checks that it imports the installed wheel, that no module is missing from it, and that every
 #      documented command — demo, bench, audit, --version — runs from the install).
 #
