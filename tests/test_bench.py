@@ -375,3 +375,60 @@ def test_fit_benchmark_records_both_sides(tmp_path):
     expected = dispatch.choose("sparse_softmax_ce", keras.ops.convert_to_tensor(np.zeros((8, 5), "float32")))
     assert records[0]["auto_choice"] == expected.implementation
     assert "sparse_softmax_ce" in fit.table(records)
+
+
+def test_lm_head_benchmark_runs_a_child_and_keeps_its_record_format(tmp_path, capsys):
+    """keras_stable_heads.bench.lm_head through its child-process loop (one variant, tiny): a measured record with
+    the fields, in the order, of the committed records; a variant estimated not to fit is recorded as skipped."""
+    from keras_stable_heads.bench import lm_head
+
+    out = tmp_path / "lm_head.jsonl"
+    args = types.SimpleNamespace(tokens=32, hidden=8, reps=1, memory_gib=20.0, out=str(out), run_id=None)
+    assert lm_head.run(args, (keras.backend.backend(),), ("fused",), (64,)) == 0
+    args.memory_gib = 0.0
+    assert lm_head.run(args, (keras.backend.backend(),), ("dense+keras",), (64,)) == 0
+    fused, dense = lm_head.load(str(out))
+    committed = os.path.join(ROOT, "benchmarks", "results", "lm_head_records.jsonl")
+    if os.path.exists(committed):
+        with open(committed) as f:
+            assert list(fused) == list(json.loads(f.readline()))
+    assert (fused["benchmark"], fused["variant"], fused["vocab"]) == ("lm_head_step", "fused", 64)
+    assert fused["skipped"] is None
+    assert 0 < fused["min_ms"] <= fused["median_ms"] and fused["peak_rss_mib"] >= fused["rss_before_mib"] > 0
+    assert np.isfinite(fused["first_loss"]) and fused["backend"] in fused["versions"]
+    assert dense["skipped"].startswith("estimated") and dense["min_ms"] is None
+    assert "skipped: estimated" in lm_head.table([fused, dense])
+
+
+def test_hub_fit_benchmark_records_both_variants(tmp_path):
+    """keras_stable_heads.bench.hub_fit, both variants measured in this process at a tiny size: finite positive
+    times, peak RSS over the RSS before, the same weights (seed 0) and so the same losses, and the table's ratios."""
+    pytest.importorskip("keras_hub")
+    from keras_stable_heads.bench import hub_fit
+
+    out = tmp_path / "hub_fit.jsonl"
+    for variant in hub_fit.VARIANTS:
+        args = types.SimpleNamespace(variant=variant, family="gemma", batch=1, sequence=16, vocab=512, reps=1,
+                                     out=str(out), run_id="test")
+        hub_fit._child(args)
+    records = {r["variant"]: r for r in hub_fit.load(str(out))}
+    assert set(records) == {"default", "fused"}
+    for r in records.values():
+        assert (r["benchmark"], r["backend"], r["family"], r["vocab"], r["skipped"]) == (
+            "hub_fit_step", keras.backend.backend(), "gemma", 512, None)
+        assert 0 < r["min_ms"] <= r["median_ms"] <= r["max_ms"] and np.isfinite(r["min_ms"])
+        assert r["peak_rss_mib"] >= r["rss_before_mib"] > 0
+        assert len(r["losses"]) == 2 and all(np.isfinite(r["losses"]))
+        assert (r["first_loss"], r["last_loss"]) == tuple(r["losses"]) and "keras-hub" in r["versions"]
+        assert (r["xla_temp_mib"] is not None) == (keras.backend.backend() == "jax")
+    default, fused = records["default"], records["fused"]
+    assert fused["first_loss"] == pytest.approx(default["first_loss"], rel=1e-4)
+    assert fused["last_loss"] == pytest.approx(default["last_loss"], rel=1e-4)
+    assert fused["first_loss"] == pytest.approx(np.log(512), rel=0.2)  # a random start: about log V
+    rows = hub_fit.table(list(records.values())).splitlines()
+    assert len(rows) == 3 and rows[1].split()[:4] == [keras.backend.backend(), "gemma", "512", "default"]
+    ratios = rows[1].rsplit("  ", 1)[1]  # on the default row: fused / default
+    assert ratios.startswith(f"{fused['min_ms'] / default['min_ms']:.2f}x, "
+                             f"{fused['peak_rss_mib'] / default['peak_rss_mib']:.2f}x, ")
+    pytest.importorskip("matplotlib")
+    assert os.path.getsize(hub_fit.plot(list(records.values()), str(tmp_path / "hub_fit.png"))) > 0

@@ -11,6 +11,9 @@
 - :mod:`.locations`: where records go: the checkout's ``benchmarks/results/`` from a source checkout, else the
   current folder.
 - :mod:`.command`: the ``keras-stable-heads bench`` command line (one process per Keras backend).
+- :mod:`.lm_head` (a fused vocabulary head against Dense + a loss) and :mod:`.hub_fit` (a keras-hub causal LM,
+  its own compile against ``fuse_lm_head``): one training step per (backend, variant), each in a process of its
+  own, through :mod:`.per_process` (the child-process loop, the records, the table and the plot they share).
 
 The checkout's ``benchmarks/`` folder keeps the results, the plot script and the GPU and probe scripts.
 """
