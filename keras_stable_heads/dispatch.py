@@ -9,6 +9,12 @@ Implementations (in order of preference for the automatic choice):
 - ``numba_cuda``: the Numba CUDA kernels, for float32 (and upcast float16/bfloat16) GPU tensors of the torch
   and JAX backends, launched on the framework's own stream with zero-copy views. TensorFlow on GPU uses the
   portable XLA path (TensorFlow has no CUDA array interface).
+- ``native``: the backend's own fused op where it is exact for the options asked: on PyTorch CPU tensors,
+  ``torch.nn.functional.cross_entropy`` for softmax cross-entropy (integer labels with or without
+  ``ignore_class``, or dense labels) without label smoothing, class weights, z-loss or soft-cap. Its formula
+  (``log_softmax``) is the portable path's; where it would differ (a row of only ``-inf`` logits, a 0 label on a
+  ``-inf`` logit: a NaN loss) the call is recomputed by the kernels, so results never depend on the choice.
+  Chosen automatically below a measured size, where the kernels' Python glue costs more than the op.
 - ``portable``: the ``keras.ops`` code in :mod:`keras_stable_heads.ops`: every backend, device, dtype and
   context, compiled by XLA where the backend uses it.
 
@@ -31,7 +37,7 @@ from . import _backend
 from . import _kernel_ops
 
 ENV_VAR = "KERAS_STABLE_HEADS_IMPLEMENTATION"
-CHOICES = ("auto", "portable", "numba_cpu", "numba_cuda")
+CHOICES = ("auto", "portable", "native", "numba_cpu", "numba_cuda")
 
 # The automatic choice uses the Numba CPU path from this many logits up (N * C), per backend; None: never.
 # Measured forward+backward with `keras-stable-heads bench --full --backend all` on the quiet 2-core AMD EPYC
@@ -71,14 +77,35 @@ NUMBA_MIN_ELEMENTS_BY_OP = {
 # Not measured on a GPU: the portable path under "auto".
 NUMBA_CUDA_MIN_ELEMENTS_BY_OP = {}
 _MEASURED_OPS = frozenset({"sparse_softmax_ce", "softmax_ce", "sigmoid_ce"})
+# "auto" takes the backend's own op (``native``) below this many logits, where the kernels' Python glue costs
+# more than the op itself; from here the kernels. MEASURED-BELOW (filled from the quiet run).
+NATIVE_MAX_ELEMENTS = {"torch": 1 << 15, "tensorflow": 1 << 16}
 
 
-@dataclasses.dataclass(frozen=True)
 class Choice:
-    """The implementation chosen for one call, and why."""
+    """The implementation chosen for one call, and why.
 
-    implementation: str
-    reason: str
+    ``reason`` is a string, or a function that makes it: the reason is only formatted when someone reads it
+    (``explain``), not on every call of a loss.
+    """
+
+    __slots__ = ("implementation", "_reason")
+
+    def __init__(self, implementation, reason):
+        self.implementation = implementation
+        self._reason = reason
+
+    @property
+    def reason(self):
+        return self._reason() if callable(self._reason) else self._reason
+
+    def __eq__(self, other):
+        return isinstance(other, Choice) and (self.implementation, self.reason) == (other.implementation, other.reason)
+
+    __hash__ = None
+
+    def __repr__(self):
+        return f"Choice({self.implementation!r}, {self.reason!r})"
 
     def __str__(self):
         return f"{self.implementation}: {self.reason}"
@@ -176,28 +203,37 @@ class Implementation:
     devices: frozenset
     min_elements: dict  # backend -> threshold for the ops in _MEASURED_OPS
     min_elements_by_op: dict  # op -> {backend: threshold} for the others (none listed: never automatic)
+    max_elements: dict = None  # backend -> "auto" picks this implementation only below this many logits
+    dtypes: frozenset = frozenset({"float32"})
+    options_blocker: object = None  # (op, options) -> why the op with these options is not computed exactly
+    traced_backends: frozenset = frozenset()  # backends where it also runs in compiled/distributed contexts
 
     def threshold(self, op):
         """Logits from which "auto" picks this implementation for ``op`` here; None: never (not measured faster)."""
         table = self.min_elements if op in _MEASURED_OPS else self.min_elements_by_op.get(op, {})
         return table.get(_backend.BACKEND)
 
-    def blocker(self, op, x):
-        """Why this implementation cannot compute ``op`` on ``x`` here, or None if it can."""
+    def blocker(self, op, x, options=None):
+        """Why this implementation cannot compute ``op`` on ``x`` (with ``options``; None: the defaults) here, or
+        None if it can."""
         if op not in self.ops:
             return f"{self.name} has no kernel for {op}"
         if _backend.BACKEND not in self.backends:
             return f"{self.name} does not serve the {_backend.BACKEND} backend"
         dtype = keras.backend.standardize_dtype(x.dtype)
-        if dtype != "float32":
-            return f"{self.name} computes float32 only, got {dtype}"
+        if dtype not in self.dtypes:
+            return f"{self.name} computes {' and '.join(sorted(self.dtypes))} only, got {dtype}"
         if x.shape[-1] is None:
             return "the class axis has no static size"
         device, context = _context(x)
         if device not in self.devices:
             return f"{self.name} does not run on {device} tensors"
-        if context is not None:
+        if context is not None and _backend.BACKEND not in self.traced_backends:
             return context
+        if self.options_blocker is not None:
+            unsupported = self.options_blocker(op, options or {})
+            if unsupported:
+                return unsupported
         missing = _import_error(self.name)
         if missing:
             return missing
@@ -234,7 +270,8 @@ def _import_error(name):
     """Import an implementation's kernels once; remember why they could not be used."""
     if name not in _IMPORT_ERRORS:
         try:
-            _IMPORT_ERRORS[name] = {"numba_cpu": _cpu_missing, "numba_cuda": _cuda_missing}[name]()
+            _IMPORT_ERRORS[name] = {"numba_cpu": _cpu_missing, "numba_cuda": _cuda_missing,
+                                    "native": lambda: None}[name]()
         except Exception as error:  # a broken numba install must not break the portable path
             _IMPORT_ERRORS[name] = f"the {name} kernels could not be imported ({type(error).__name__}: {error})"
     return _IMPORT_ERRORS[name]
@@ -242,7 +279,41 @@ def _import_error(name):
 
 KERNEL_OPS = frozenset(_kernel_ops.OPS)
 
+# The backend's own fused op, per backend and op: used where it computes this package's formula exactly.
+# TensorFlow's dense op is left out: its gradient is softmax - labels, right only for labels that sum to 1.
+NATIVE_OPS = {
+    "torch": {"sparse_softmax_ce": "torch.nn.functional.cross_entropy",
+              "softmax_ce": "torch.nn.functional.cross_entropy"},
+    "tensorflow": {"sparse_softmax_ce": "tf.nn.sparse_softmax_cross_entropy_with_logits"},
+}
+_NATIVE_EXACT_OPTIONS = ("label_smoothing", "class_weight", "z_loss", "logit_softcap")
+
+
+def _native_options_blocker(op, options):
+    """The backend's op computes this package's formula only without these options (its label smoothing and
+    class weights are not normalised as here, and it has no z-loss or soft-cap)."""
+    name = NATIVE_OPS.get(_backend.BACKEND, {}).get(op)
+    if name is None:
+        return f"{_backend.BACKEND} has no native op that computes {op} exactly"
+    used = [key for key in _NATIVE_EXACT_OPTIONS if options.get(key)]
+    if used:
+        return f"{name} does not compute {', '.join(used)} as this package does"
+    return None
+
+
 REGISTRY = {
+    "native": Implementation(
+        name="native",
+        ops=frozenset({"sparse_softmax_ce", "softmax_ce"}),
+        backends=frozenset(NATIVE_OPS),
+        devices=frozenset({"cpu"}),
+        min_elements={backend: 0 for backend in NATIVE_OPS},
+        min_elements_by_op={},
+        max_elements=NATIVE_MAX_ELEMENTS,
+        dtypes=frozenset({"float32", "float64"}),
+        options_blocker=_native_options_blocker,
+        traced_backends=frozenset({"tensorflow"}),  # a graph op: fine under XLA and tf.distribute
+    ),
     "numba_cpu": Implementation(
         name="numba_cpu",
         ops=KERNEL_OPS,
@@ -271,43 +342,66 @@ def _elements(x):
     return size
 
 
-def choose(op, x, implementation=None):
-    """The :class:`Choice` for computing ``op`` on logits ``x`` (already float32/float64, classes last)."""
+def choose(op, x, implementation=None, options=None):
+    """The :class:`Choice` for computing ``op`` on logits ``x`` (already float32/float64, classes last) with the
+    op's ``options`` (a dict; None: the defaults)."""
     wanted = requested(implementation)
     if wanted == "portable":
         return Choice("portable", "requested")
     if wanted != "auto":
-        blocker = REGISTRY[wanted].blocker(op, x)
+        blocker = REGISTRY[wanted].blocker(op, x, options)
         if blocker:
             raise ValueError(f"implementation={wanted!r} cannot compute {op} here: {blocker}. "
                              f"Use implementation='auto' to fall back to the portable path.")
         return Choice(wanted, "requested")
     reasons = []
     for impl in REGISTRY.values():
-        blocker = impl.blocker(op, x)
+        blocker = impl.blocker(op, x, options)
         if blocker is None:
-            size, threshold = _elements(x), impl.threshold(op)
-            if threshold is None and op not in _MEASURED_OPS:
-                blocker = (f"{impl.name} was not measured faster than the portable path for {op} on "
-                           f"{_backend.BACKEND}: it runs only when requested")
-            elif threshold is None:
-                blocker = f"{impl.name} was measured slower than the portable path on {_backend.BACKEND}"
-            elif size is not None and size < threshold:
-                blocker = f"{size} logits is below the measured threshold of {threshold} for {impl.name}"
-            else:
-                device = next(iter(impl.devices))
-                when = f"from {threshold} logits" if threshold else f"at every size measured on {_backend.BACKEND}"
-                return Choice(impl.name, f"{_shape(x)} float32 on {device}; {impl.name} is faster {when}")
+            blocker = _size_blocker(impl, op, x)
+            if blocker is None:
+                return Choice(impl.name, functools.partial(_chosen_because, impl, op, x))
         reasons.append(blocker)
-    return Choice("portable", "; ".join(reasons) or "no other implementation")
+    return Choice("portable", lambda: "; ".join(reasons) or "no other implementation")
+
+
+def _size_blocker(impl, op, x):
+    """Why "auto" does not take ``impl`` at this size (its measured thresholds), or None."""
+    size, threshold = _elements(x), impl.threshold(op)
+    if threshold is None and op not in _MEASURED_OPS:
+        return (f"{impl.name} was not measured faster than the portable path for {op} on "
+                f"{_backend.BACKEND}: it runs only when requested")
+    if threshold is None:
+        return f"{impl.name} was measured slower than the portable path on {_backend.BACKEND}"
+    if size is not None and size < threshold:
+        return f"{size} logits is below the measured threshold of {threshold} for {impl.name}"
+    limit = (impl.max_elements or {}).get(_backend.BACKEND)
+    if limit is not None and (size is None or size >= limit):
+        return f"{'an unknown number of' if size is None else size} logits is not below {limit}, where {impl.name} stops being the fastest"
+    return None
+
+
+def _chosen_because(impl, op, x):
+    device = next(iter(impl.devices))
+    if impl.name == "native":
+        return (f"{_shape(x)} on {device}: {NATIVE_OPS[_backend.BACKEND][op]} computes these options exactly and is "
+                f"the fastest below {impl.max_elements[_backend.BACKEND]} logits")
+    threshold = impl.threshold(op)
+    when = f"from {threshold} logits" if threshold else f"at every size measured on {_backend.BACKEND}"
+    return f"{_shape(x)} float32 on {device}; {impl.name} is faster {when}"
 
 
 def _shape(x):
     return "x".join("?" if d is None else str(d) for d in x.shape)
 
 
-def run(choice, op, logits, labels, options):
-    """Compute ``op`` with the chosen kernel implementation; returns the per-example loss (leading shape)."""
+def run(choice, op, logits, labels, options, exact=None):
+    """Compute ``op`` with the chosen implementation; returns the per-example loss (leading shape).
+
+    ``exact()`` computes the same loss on the portable path: the native op falls back to it where its own formula
+    would give a NaN that this package's does not (see ``bridges/torch_native.py``)."""
+    if choice.implementation == "native":
+        return _bridge("native").run(op, logits, labels, options, exact)
     num_classes = int(logits.shape[-1])
     cuda = choice.implementation == "numba_cuda"
     pair = (_kernel_ops.cuda_pair if cuda else _kernel_ops.cpu_pair)(op, num_classes, options)
@@ -332,6 +426,8 @@ def _as_dtype(x, dtype):
 
 
 _BRIDGE_MODULES = {
+    ("native", "torch"): "torch_native",
+    ("native", "tensorflow"): "tf_native",
     ("numba_cpu", "torch"): "torch_bridge",
     ("numba_cpu", "tensorflow"): "tf_bridge",
     ("numba_cpu", "jax"): "jax_bridge",
@@ -363,4 +459,5 @@ def explain(loss, y_true, y_pred):
     axis = getattr(loss, "axis", -1)
     if axis not in (-1, len(x.shape) - 1):
         x = keras.ops.moveaxis(x, axis, -1)
-    return choose(op, x, getattr(loss, "implementation", None))
+    options = {key: getattr(loss, key) for key in getattr(loss, "_options", ()) if key not in ("axis", "implementation")}
+    return choose(op, x, getattr(loss, "implementation", None), options)

@@ -209,9 +209,10 @@ def _use_kernels(implementation, hidden, kernel):
     wanted = dispatch.requested(implementation)
     if wanted == "portable":
         return False
-    if wanted == "numba_cuda":
-        raise ValueError("implementation='numba_cuda' cannot compute the fused linear cross-entropy: it has no CUDA "
-                         "kernel path. Use 'auto' or 'portable'.")
+    if wanted in ("numba_cuda", "native"):
+        raise ValueError(f"implementation={wanted!r} cannot compute the fused linear cross-entropy: it has no "
+                         f"{'CUDA kernel' if wanted == 'numba_cuda' else 'native'} path. Use 'auto', 'portable' or "
+                         "'numba_cpu'.")
     if _glue.kernel_ce is None:
         blocker = f"the fused linear cross-entropy has no kernel path on {_backend.BACKEND}"
     else:  # the kernels' own conditions (float32, CPU, not in XLA or torch.compile...) on both matmul operands

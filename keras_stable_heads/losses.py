@@ -94,7 +94,7 @@ class StableSoftmaxCE(_StableLoss):
         z_loss: coefficient of ``logsumexp(z)^2`` (0 disables).
         logit_softcap: ``c > 0`` applies ``c * tanh(z / c)`` first; None disables.
         axis: the class axis.
-        implementation: None/``"auto"``, ``"portable"``, ``"numba_cpu"`` or ``"numba_cuda"`` (see
+        implementation: None/``"auto"``, ``"portable"``, ``"native"``, ``"numba_cpu"`` or ``"numba_cuda"`` (see
             ``keras_stable_heads.dispatch``).
         reduction, name, dtype: as ``keras.losses.Loss``.
 

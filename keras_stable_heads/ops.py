@@ -9,6 +9,8 @@ float16 and bfloat16 inputs are computed in float32 and return float32; float64 
 constants: no gradient flows to them.
 """
 
+import functools
+
 from keras import ops
 
 from . import _backend
@@ -162,7 +164,7 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=N
         z_loss: coefficient of the z-loss ``lse^2`` (PaLM, Chowdhery et al. 2022); 0 disables it.
         logit_softcap: ``c > 0`` applies ``c * tanh(z / c)`` before the softmax (Gemma 2); ``-inf`` stays ``-inf``.
         axis: the class axis.
-        implementation: ``"auto"`` (default), ``"portable"``, ``"numba_cpu"`` or ``"numba_cuda"``; see
+        implementation: ``"auto"`` (default), ``"portable"``, ``"native"``, ``"numba_cpu"`` or ``"numba_cuda"``; see
             :mod:`keras_stable_heads.dispatch`.
 
     Returns:
@@ -183,11 +185,16 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=N
     logits = _class_axis_last(upcast(logits), axis)
     labels = _class_axis_last(ops.cast(ops.convert_to_tensor(labels), logits.dtype), axis)
     num_classes = _static_size(logits, "logits")
-    w = _per_class(class_weight, num_classes, logits.dtype, "class_weight")
-    choice = dispatch.choose("softmax_ce", logits, implementation)
+    w = _per_class(class_weight, num_classes, logits.dtype, "class_weight")  # validates its length on every path
+    options = dict(label_smoothing=eps, class_weight=class_weight, z_loss=z_loss, logit_softcap=cap)
+    choice = dispatch.choose("softmax_ce", logits, implementation, options)
+    portable = functools.partial(_softmax_ce_portable, logits, labels, num_classes, eps, w, z_loss, cap)
     if choice.implementation != "portable":
-        options = dict(label_smoothing=eps, class_weight=class_weight, z_loss=z_loss, logit_softcap=cap)
-        return dispatch.run(choice, "softmax_ce", logits, labels, options)
+        return dispatch.run(choice, "softmax_ce", logits, labels, options, exact=portable)
+    return portable()
+
+
+def _softmax_ce_portable(logits, labels, num_classes, eps, w, z_loss, cap):
     target = (1.0 - eps) * labels + eps / num_classes if eps else labels
     if w is not None:
         target = target * w
@@ -244,15 +251,19 @@ def softmax_cross_entropy_with_integer_labels(
     logits = _class_axis_last(logits, axis)
     num_classes = _static_size(logits, "logits")
     _check_label_range(labels, num_classes, ignore_class)
-    choice = dispatch.choose("sparse_softmax_ce", logits, implementation)
+    options = dict(ignore_class=ignore_class, label_smoothing=eps, class_weight=class_weight, z_loss=z_loss,
+                   logit_softcap=cap)
+    w = _per_class(class_weight, num_classes, logits.dtype, "class_weight")  # validates its length on every path
+    choice = dispatch.choose("sparse_softmax_ce", logits, implementation, options)
+
+    def portable():
+        forward = _sparse_softmax_ce_forward(labels, num_classes, logits.dtype, ignore_class=ignore_class, eps=eps,
+                                            w=w, z_loss=z_loss, cap=cap)
+        return fused(forward)(logits)
+
     if choice.implementation != "portable":
-        options = dict(ignore_class=ignore_class, label_smoothing=eps, class_weight=class_weight, z_loss=z_loss,
-                       logit_softcap=cap)
-        return dispatch.run(choice, "sparse_softmax_ce", logits, labels, options)
-    w = _per_class(class_weight, num_classes, logits.dtype, "class_weight")
-    forward = _sparse_softmax_ce_forward(labels, num_classes, logits.dtype, ignore_class=ignore_class, eps=eps, w=w,
-                                        z_loss=z_loss, cap=cap)
-    return fused(forward)(logits)
+        return dispatch.run(choice, "sparse_softmax_ce", logits, labels, options, exact=portable)
+    return portable()
 
 
 def _sparse_softmax_ce_forward(labels, num_classes, dtype, *, ignore_class, eps, w, z_loss, cap):

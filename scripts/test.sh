@@ -40,6 +40,7 @@ for backend in ${KSH_BACKENDS:-tensorflow jax torch}; do
     echo "=== KERAS_BACKEND=${backend}"
     # pytest's own executable, not `python -m pytest` (which would put the checkout first on sys.path, so the
     # checkout's package would be tested instead of the wheel); pyproject's testpaths give tests/.
-    KERAS_BACKEND="${backend}" "${VENV}/bin/pytest" -q -p no:cacheprovider "$@" || status=1
+    # --durations: the slowest tests of each backend, to keep the suite well under its time budget
+    KERAS_BACKEND="${backend}" "${VENV}/bin/pytest" -q -p no:cacheprovider --durations=15 "$@" || status=1
 done
 exit "${status}"

@@ -158,6 +158,8 @@ def test_cifar10_is_read_from_the_cache_only(tmp_path):
     assert len(binary.x_train) % 16 == 0 and multiclass.x_train.shape[1:] == (32, 32, 3)
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="suite time: the task's plumbing does not depend on the backend "
+                    "(two child processes, ~45 s); the head it measures is tested on every backend in test_linear_ce.py")
 def test_vocabulary_task_measures_the_fused_head_against_dense(monkeypatch, tmp_path):
     """The opt-in vocabulary task, shrunk: both variants measured in their own processes, rows, plot, records."""
     monkeypatch.setattr(demo, "VOCABULARY", {"tokens": 64, "hidden": 8, "vocab": 512, "reps": 1})

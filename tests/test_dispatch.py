@@ -131,10 +131,10 @@ def test_numba_path_matches_reference_and_keeps_nan():
 
 
 def test_forced_implementation_that_cannot_run_raises():
-    z = np.zeros((4, 3))  # float64: the kernels are float32 only
+    z = np.zeros((4096, 16))  # float64: the kernels are float32 only (and too large for the native op)
     with keras_stable_heads_float64():
         with pytest.raises(ValueError, match="float32 only"):
-            ops.softmax_cross_entropy_with_integer_labels(z, np.zeros(4, "int32"), implementation="numba_cpu")
+            ops.softmax_cross_entropy_with_integer_labels(z, np.zeros(4096, "int32"), implementation="numba_cpu")
         choice = dispatch.choose("sparse_softmax_ce", keras.ops.convert_to_tensor(z))
         assert choice.implementation == "portable" and "float32 only" in choice.reason
 
@@ -145,7 +145,14 @@ def keras_stable_heads_float64():
     return _backend.float64_scope()
 
 
-def test_auto_choice_uses_the_measured_threshold():
+def _without_native(monkeypatch):
+    """The kernels' thresholds alone: the native op (below its own limit) is tested in test_native_choice_rules."""
+    if BACKEND in dispatch.NATIVE_MAX_ELEMENTS:
+        monkeypatch.setitem(dispatch.NATIVE_MAX_ELEMENTS, BACKEND, 0)
+
+
+def test_auto_choice_uses_the_measured_threshold(monkeypatch):
+    _without_native(monkeypatch)
     small = keras.ops.convert_to_tensor(np.zeros((2, 3), np.float32))
     large = keras.ops.convert_to_tensor(np.zeros((1024, 1024), np.float32))
     threshold = dispatch.NUMBA_MIN_ELEMENTS[BACKEND]
@@ -192,7 +199,8 @@ def test_environment_variable_and_keyword(monkeypatch):
         ksh.StableSparseSoftmaxCE(implementation="gpu")
 
 
-def test_explain_names_the_choice_and_reason():
+def test_explain_names_the_choice_and_reason(monkeypatch):
+    _without_native(monkeypatch)
     y = np.zeros(1024, "int32")
     z = np.zeros((1024, 1024), np.float32)
     choice = ksh.explain(ksh.StableSparseSoftmaxCE(implementation="numba_cpu"), y, z)
@@ -384,3 +392,113 @@ def test_reused_gradient_buffers_never_overwrite_a_held_gradient():
     np.testing.assert_allclose(np.asarray(g2), want[2], rtol=1e-5, atol=1e-9)
     if address is not None:
         assert g2.data_ptr() == address  # the released buffer was reused: no fresh pages
+
+
+NATIVE_CASES = [("sparse", "sparse_softmax_ce", ops.softmax_cross_entropy_with_integer_labels,
+                 [{}, {"ignore_class": -1}, {"ignore_class": 0}]),
+                ("dense", "softmax_ce", ops.softmax_cross_entropy, [{}])]
+NATIVE_HERE = dispatch.NATIVE_OPS.get(BACKEND, {})
+
+
+@pytest.mark.parametrize("shape", [(37, 7), (5, 1001), (4, 6, 33), (300, 10)], ids=str)
+@pytest.mark.parametrize("kind,op,fn,option_sets", NATIVE_CASES, ids=[k[0] for k in NATIVE_CASES])
+def test_native_path_equals_portable_path(kind, op, fn, option_sets, shape):
+    """The backend's own op gives the portable path's values and gradients, extreme rows included (a row with
+    -inf logits and a zero label on them makes the native op NaN: the portable path recomputes those calls)."""
+    if op not in NATIVE_HERE:
+        pytest.skip(f"no native {op} on {BACKEND}")
+    z, y = _inputs(kind, shape, extreme=len(shape) == 2 and shape[0] > 8)
+    if kind == "dense":  # labels that do not sum to 1 too: the gradient is p * sum(y) - y
+        y = y * np.linspace(0.5, 1.5, shape[-1], dtype=np.float32)
+    for options in option_sets:
+        labels = np.where(y < 0, options.get("ignore_class", 1), y) if kind == "sparse" else y
+        results = [value_and_grad(lambda x: fn(x, labels, implementation=impl, **options), z)
+                   for impl in ("portable", "native")]
+        (v0, g0), (v1, g1) = results
+        np.testing.assert_allclose(v1, v0, rtol=2e-6, atol=1e-6, err_msg=str(options))
+        np.testing.assert_allclose(g1, g0, rtol=1e-5, atol=1e-6, err_msg=str(options))
+
+
+@pytest.mark.skipif(not NATIVE_HERE, reason="no native op registered for this backend")
+def test_native_path_gives_the_package_semantics_where_its_formula_is_nan():
+    z = np.array([[-np.inf, -np.inf, -np.inf], [0.0, -np.inf, 2.0], [1.0, 2.0, 3.0]], np.float32)
+    y = np.array([0, 2, 1])
+    cases = {"sparse_softmax_ce": (ops.softmax_cross_entropy_with_integer_labels, y),
+             "softmax_ce": (ops.softmax_cross_entropy, np.eye(3, dtype=np.float32)[y])}
+    for fn, labels in (cases[op] for op in NATIVE_HERE):
+        native, grad_native = value_and_grad(lambda x: fn(x, labels, implementation="native"), z)
+        portable, grad_portable = value_and_grad(lambda x: fn(x, labels, implementation="portable"), z)
+        assert native[0] == np.inf and np.isfinite(native[1:]).all()
+        np.testing.assert_allclose(native, portable, rtol=2e-6)
+        np.testing.assert_allclose(grad_native, grad_portable, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(native[1:], ref.sparse_softmax_ce(z[1:], y[1:]), rtol=2e-6)
+
+
+def test_native_choice_rules():
+    small = keras.ops.convert_to_tensor(np.zeros((32, 10), np.float32))
+    large = keras.ops.convert_to_tensor(np.zeros((1024, 1024), np.float32))
+    if not NATIVE_HERE:
+        with pytest.raises(ValueError, match="does not serve"):
+            dispatch.choose("sparse_softmax_ce", small, "native")
+        assert dispatch.choose("sparse_softmax_ce", small).implementation != "native"
+        return
+    limit = dispatch.NATIVE_MAX_ELEMENTS[BACKEND]
+    assert dispatch.choose("sparse_softmax_ce", small).implementation == "native"
+    dense = "native" if "softmax_ce" in NATIVE_HERE else "portable"
+    assert dispatch.choose("softmax_ce", small).implementation == dense
+    if dense == "portable":
+        with pytest.raises(ValueError, match="no native op"):
+            dispatch.choose("softmax_ce", small, "native")
+    assert dispatch.choose("sparse_softmax_ce", keras.ops.zeros((limit // 8, 8), "float32")).implementation != "native"
+    assert dispatch.choose("sparse_softmax_ce", keras.ops.zeros((limit // 8 - 1, 8), "float32")).implementation == "native"
+    assert dispatch.choose("sparse_softmax_ce", large).implementation == (
+        "numba_cpu" if large.shape[0] * large.shape[1] >= dispatch.NUMBA_MIN_ELEMENTS[BACKEND] else "portable")
+    # options it does not compute as this package does: never chosen, and forcing it says why
+    smoothed = {"label_smoothing": 0.1, "ignore_class": None, "class_weight": None, "z_loss": 0.0, "logit_softcap": None}
+    assert dispatch.choose("sparse_softmax_ce", small, None, smoothed).implementation != "native"
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ops.softmax_cross_entropy_with_integer_labels(small, np.zeros(32, "int32"), label_smoothing=0.1,
+                                                      implementation="native")
+    assert dispatch.choose("sigmoid_ce", small).implementation != "native"
+    explained = ksh.explain(ksh.StableSparseSoftmaxCE(), np.zeros(32, "int32"), np.zeros((32, 10), np.float32))
+    assert explained.implementation == "native" and "cross_entropy" in explained.reason
+    assert ksh.explain(ksh.StableSparseSoftmaxCE(z_loss=1e-4), np.zeros(32, "int32"),
+                       np.zeros((32, 10), np.float32)).implementation != "native"
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="TensorFlow's graph and XLA modes")
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_native_tensorflow_op_in_compiled_functions(jit_compile):
+    """Inside tf.function (and XLA) the native op runs, and tf.cond hands the batches its formula would get wrong
+    to the portable path: an all -inf row (+inf), an out-of-range label (NaN in a compiled step)."""
+    import tensorflow as tf
+
+    rng = np.random.default_rng(7)
+    z = rng.normal(0, 3, (40, 9)).astype(np.float32)
+    z[3, 0] = 1e30
+    y = rng.integers(0, 9, 40)
+    y[5] = -1  # ignored with ignore_class=-1
+
+    def loss_and_grad(implementation, labels, logits, **options):
+        x = tf.convert_to_tensor(logits)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = ops.softmax_cross_entropy_with_integer_labels(x, labels, implementation=implementation, **options)
+            total = tf.reduce_sum(tf.where(tf.math.is_finite(loss), loss, 0.0))
+        return loss, tape.gradient(total, x)
+
+    compiled = tf.function(loss_and_grad, jit_compile=jit_compile, reduce_retracing=True)
+    for labels, logits, options in ((y, z, {"ignore_class": -1}), (np.where(y < 0, 0, y), z, {})):
+        got = [np.asarray(t) for t in compiled("native", tf.constant(labels), logits, **options)]
+        want = [np.asarray(t) for t in loss_and_grad("portable", labels, logits, **options)]
+        np.testing.assert_allclose(got[0], want[0], rtol=2e-6, atol=1e-6)
+        np.testing.assert_allclose(got[1], want[1], rtol=1e-5, atol=1e-6)
+    # the exact path's answers, from inside the compiled function
+    all_neg_inf = z.copy()
+    all_neg_inf[2] = -np.inf
+    loss, _ = compiled("native", tf.constant(np.where(y < 0, 0, y)), all_neg_inf)
+    assert np.asarray(loss)[2] == np.inf and np.isfinite(np.asarray(loss)[3:]).all()
+    bad = np.where(y < 0, 0, y)
+    bad[7] = 9
+    loss, _ = compiled("native", tf.constant(bad), z)
+    assert np.isnan(np.asarray(loss)[7]) and np.isfinite(np.delete(np.asarray(loss), 7)).all()
