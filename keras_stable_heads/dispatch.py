@@ -78,8 +78,18 @@ NUMBA_MIN_ELEMENTS_BY_OP = {
 NUMBA_CUDA_MIN_ELEMENTS_BY_OP = {}
 _MEASURED_OPS = frozenset({"sparse_softmax_ce", "softmax_ce", "sigmoid_ce"})
 # "auto" takes the backend's own op (``native``) below this many logits, where the kernels' Python glue costs
-# more than the op itself; from here the kernels. MEASURED-BELOW (filled from the quiet run).
-NATIVE_MAX_ELEMENTS = {"torch": 1 << 15, "tensorflow": 1 << 16}
+# more than the op itself; from here the kernels. Measured forward+backward on the 2-core Intel Xeon (AVX-512),
+# `keras-stable-heads bench --backend torch,tensorflow --op sparse_softmax_ce,softmax_ce --sizes
+# 32x10,256x10,256x100,1024x32,2048x32,4096x32,8192x32,1024x1000 --modes forward_backward --impl stable,keras`
+# (run 20261207T012710Z-d64edd), min ms native / numba_cpu / Keras:
+# - torch sparse: 32x10 0.158 / 0.224 / 0.168, 256x100 0.217 / 0.279 / 0.191, 1024x32 0.218 / 0.242 / 0.210,
+#   2048x32 0.315 / 0.298 / 0.267, 8192x32 0.679 / 0.621 / 0.606: native below 65,536 logits, the kernels from there.
+# - TensorFlow: never automatic. Keras's fit compiles with XLA on the CPU, where XLA's fusion of the portable path
+#   is as fast or faster (32x10 0.214 vs Keras+XLA 0.198; 1024x32 0.315 vs 0.432); in a plain tf.function the
+#   native op gained 0-17% over the portable path and lost to the kernels from 2048x32; in fit (batch 32/256, 10
+#   classes) builtin/stable was 0.98/0.94 with native against 0.98/1.10 with the portable path.
+NATIVE_MAX_ELEMENTS = {"torch": 1 << 16}
+NATIVE_MIN_ELEMENTS = {"torch": 0, "tensorflow": None}
 
 
 class Choice:
@@ -307,7 +317,7 @@ REGISTRY = {
         ops=frozenset({"sparse_softmax_ce", "softmax_ce"}),
         backends=frozenset(NATIVE_OPS),
         devices=frozenset({"cpu"}),
-        min_elements={backend: 0 for backend in NATIVE_OPS},
+        min_elements=NATIVE_MIN_ELEMENTS,
         min_elements_by_op={},
         max_elements=NATIVE_MAX_ELEMENTS,
         dtypes=frozenset({"float32", "float64"}),

@@ -442,6 +442,11 @@ def test_native_choice_rules():
             dispatch.choose("sparse_softmax_ce", small, "native")
         assert dispatch.choose("sparse_softmax_ce", small).implementation != "native"
         return
+    if dispatch.REGISTRY["native"].threshold("sparse_softmax_ce") is None:  # measured, not faster: on request only
+        choice = dispatch.choose("sparse_softmax_ce", small)
+        assert choice.implementation != "native" and "native was measured slower" in choice.reason
+        assert dispatch.choose("sparse_softmax_ce", small, "native").implementation == "native"
+        return
     limit = dispatch.NATIVE_MAX_ELEMENTS[BACKEND]
     assert dispatch.choose("sparse_softmax_ce", small).implementation == "native"
     dense = "native" if "softmax_ce" in NATIVE_HERE else "portable"
