@@ -184,11 +184,12 @@ def plot(records, path):
     """builtin/stable per family, one panel per (batch, classes), bars per backend; 1.0 is 'as fast'."""
     from matplotlib.figure import Figure  # the object API: no pyplot, no global backend switch
 
-    panels = sorted({(r["batch"], r["classes"]) for r in records})
-    fig = Figure(figsize=(4.2 * len(panels), 4.2), layout="constrained")
-    axes = fig.subplots(1, len(panels), squeeze=False)
+    batches = sorted({r["batch"] for r in records})
+    class_counts = sorted({r["classes"] for r in records})
+    fig = Figure(figsize=(4.2 * len(class_counts), 3.8 * len(batches)), layout="constrained")
+    axes = fig.subplots(len(batches), len(class_counts), squeeze=False)  # a row per batch size, a column per C
     colors = {"tensorflow": "#ef6c00", "jax": "#1565c0", "torch": "#c62828"}
-    for ax, (batch, classes) in zip(axes[0], panels):
+    for ax, (batch, classes) in zip(axes.ravel(), [(b, c) for b in batches for c in class_counts]):
         chosen = [r for r in records if (r["batch"], r["classes"]) == (batch, classes)]
         families = [f for f in FAMILIES if any(r["family"] == f for r in chosen)]
         for j, backend in enumerate(BACKENDS):
