@@ -61,14 +61,21 @@ __all__ = ["linear_softmax_cross_entropy_with_integer_labels", "weighted_sum", "
 # JAX 26.7/26.7/14.1 s, with XLA temporaries of 384/513/1026 MiB (the unfused step: 4096 MiB). JAX gets the
 # smaller budget so that its temporaries stay under a tenth of the unfused step's.
 CHUNK_BYTES = {"jax": 128 << 20, "tensorflow": 256 << 20, "torch": 256 << 20}
+# Where each chunk's softmax runs in the Numba kernels on TensorFlow, a smaller budget: the kernels' reused
+# gradient buffers are chunk-sized. Quiet 2-core Xeon, Dense-sized head step (FusedSoftmaxHead, fit's graph, N=4096,
+# D=512, V=131072, Adam), min of 2: 256 MiB 7.06 s / 4104 MiB peak, 128 MiB 7.20 s / 3668 MiB, 64 MiB 7.94 s /
+# 3157 MiB (XLA chunks, 256 MiB: 10.37 s / 2889 MiB; Dense + Keras's loss: 6.58 s / 5977 MiB).
+KERNEL_CHUNK_BYTES = {"tensorflow": 64 << 20}
 MIN_CHUNK = 16
 
 # What "auto" runs, measured with the reduced op at N=4096, D=512, V=131072, T=512 (forward+backward):
 # - torch: each chunk's softmax in the Numba CPU kernels (22.8 s at T=128 against 45 s for keras.ops, which
 #   allocates and page-faults several (T, V) temporaries per chunk);
-# - TensorFlow in a graph (fit): the keras.ops path with the chunk loop compiled by XLA as one cluster, 18.4 s and
-#   +0.7 GB peak RSS, against 16.5 s and +2.4 GB for the kernels through numpy_function (XLA updates the kernel's
-#   gradient accumulator in place and fuses the softmax); eagerly, the kernels (no compilation per call);
+# - TensorFlow: the kernels through numpy_function, eagerly and in a graph (fit). On the quiet 2-core Xeon (run of
+#   2026-12-07, the head's fit step above) the graph's XLA-compiled keras.ops chunks took 10.4 s against 7.9 s for
+#   the kernels at 64 MiB chunks (+0.27 GB peak): TensorFlow's CPU matmuls outside XLA are oneDNN's, faster than
+#   XLA's. (A loaded-box measurement had favoured XLA: 18.4 s / +0.7 GB against 16.5 s / +2.4 GB at 256 MiB.)
+#   Inside an XLA function or a tf.distribute strategy, where the kernels cannot run, the XLA/keras.ops path;
 # - JAX: the keras.ops path, fused by XLA (no kernel path).
 
 
@@ -163,10 +170,14 @@ def check_chunk_size(chunk_size):
     return chunk_size
 
 
-def _chunk_tokens(num_tokens, num_classes, chunk_size):
-    """Tokens per chunk: ``chunk_size`` or the CHUNK_BYTES budget, evened out so the last chunk pads little."""
+def _chunk_tokens(num_tokens, num_classes, chunk_size, kernels=False):
+    """Tokens per chunk: ``chunk_size`` or the CHUNK_BYTES budget (KERNEL_CHUNK_BYTES where the chunks' softmax
+    runs in the kernels), evened out so the last chunk pads little."""
     if check_chunk_size(chunk_size) is None:
-        chunk_size = max(MIN_CHUNK, CHUNK_BYTES.get(_backend.BACKEND, 128 << 20) // (4 * num_classes))
+        budget = CHUNK_BYTES.get(_backend.BACKEND, 128 << 20)
+        if kernels:
+            budget = KERNEL_CHUNK_BYTES.get(_backend.BACKEND, budget)
+        chunk_size = max(MIN_CHUNK, budget // (4 * num_classes))
     if num_tokens is None:
         return chunk_size
     chunks = max(1, math.ceil(num_tokens / chunk_size))
@@ -194,7 +205,7 @@ def _prepare(hidden, kernel, labels, bias, transpose_kernel, ignore_class, label
     operand = _operand_dtype(hidden_dtype, kernel_dtype)
     kernels = _use_kernels(implementation, hidden, kernel)
     spec = _Spec(
-        num_classes=num_classes, chunk=_chunk_tokens(num_tokens, num_classes, chunk_size),
+        num_classes=num_classes, chunk=_chunk_tokens(num_tokens, num_classes, chunk_size, kernels),
         transpose_kernel=transpose_kernel, has_bias=bias is not None, ignore_class=ignore_class, eps=eps,
         z_loss=z_loss, cap=cap, operand_dtype=operand, compute_dtype=compute_dtype(operand),
         kernels=kernels, xla=not kernels and _glue.xla_cluster(),
@@ -655,8 +666,8 @@ def _tensorflow_glue():
         # each call would compile anew
         return not tf.executing_eagerly() and not _in_xla()
 
-    return _Glue(dot, dot_add, _logits_by_dot(dot), _argmax_is, scan, custom_op, kernel_ce,
-                 tf.executing_eagerly, xla_cluster)
+    return _Glue(dot, dot_add, _logits_by_dot(dot), _argmax_is, scan, custom_op, kernel_ce, lambda: True,
+                 xla_cluster)
 
 
 def _torch_glue():

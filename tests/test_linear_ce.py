@@ -138,7 +138,7 @@ def test_float64_gradient_of_a_tied_kernel_without_bias():
 @pytest.mark.parametrize("name", ["plain", "all"])
 def test_equals_the_unfused_op_loss_and_gradients(name, implementation):
     """The fused op == softmax_cross_entropy_with_integer_labels(hidden @ kernel + bias) on this backend, with each
-    chunk's softmax as "auto" picks it (the Numba kernels on torch and eager TensorFlow) or in keras.ops."""
+    chunk's softmax as "auto" picks it (the Numba kernels on torch and TensorFlow) or in keras.ops."""
     if BACKEND == "jax" and implementation == "portable":
         pytest.skip("on JAX 'auto' is the portable path")
     options = dict(OPTIONS[name], implementation=implementation)
