@@ -9,12 +9,14 @@ Implementations (in order of preference for the automatic choice):
 - ``numba_cuda``: the Numba CUDA kernels, for float32 (and upcast float16/bfloat16) GPU tensors of the torch
   and JAX backends, launched on the framework's own stream with zero-copy views. TensorFlow on GPU uses the
   portable XLA path (TensorFlow has no CUDA array interface).
-- ``native``: the backend's own fused op where it is exact for the options asked: on PyTorch CPU tensors,
+- ``native``: the backend's own fused op where it is exact for the options asked, on CPU tensors:
   ``torch.nn.functional.cross_entropy`` for softmax cross-entropy (integer labels with or without
-  ``ignore_class``, or dense labels) without label smoothing, class weights, z-loss or soft-cap. Its formula
+  ``ignore_class``, or dense labels), and TensorFlow's ``tf.nn.sparse_softmax_cross_entropy_with_logits``
+  (also under XLA and ``tf.distribute``), without label smoothing, class weights, z-loss or soft-cap. Its formula
   (``log_softmax``) is the portable path's; where it would differ (a row of only ``-inf`` logits, a 0 label on a
-  ``-inf`` logit: a NaN loss) the call is recomputed by the kernels, so results never depend on the choice.
-  Chosen automatically below a measured size, where the kernels' Python glue costs more than the op.
+  ``-inf`` logit, an out-of-range label in a compiled step: a NaN) the call is recomputed on the portable path, so
+  results never depend on the choice. "auto" takes it on torch below a measured size, where the kernels' Python
+  glue costs more than the op; on TensorFlow only when requested (not measured faster in ``fit``).
 - ``portable``: the ``keras.ops`` code in :mod:`keras_stable_heads.ops`: every backend, device, dtype and
   context, compiled by XLA where the backend uses it.
 
@@ -387,7 +389,8 @@ def _size_blocker(impl, op, x):
         return f"{size} logits is below the measured threshold of {threshold} for {impl.name}"
     limit = (impl.max_elements or {}).get(_backend.BACKEND)
     if limit is not None and (size is None or size >= limit):
-        return f"{'an unknown number of' if size is None else size} logits is not below {limit}, where {impl.name} stops being the fastest"
+        count = "an unknown number of" if size is None else size
+        return f"{count} logits is not below {limit}, where {impl.name} stops being the fastest"
     return None
 
 
