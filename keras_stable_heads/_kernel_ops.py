@@ -97,10 +97,15 @@ def _frozen(value):
     return tuple(np.ravel(np.asarray(value, np.float32)).tolist())
 
 
+def options_key(options):
+    """A hashable key for an op's options (per-class weights as tuples); TypeError or ValueError for a traced one."""
+    return tuple(sorted((name, _frozen(v)) for name, v in options.items()))
+
+
 def cpu_pair(op, num_classes, options):
     """The Numba CPU pair for ``op`` with ``options``: built once per distinct (op, classes, options)."""
     try:
-        key = (op, int(num_classes), tuple(sorted((name, _frozen(v)) for name, v in options.items())))
+        key = (op, int(num_classes), options_key(options))
     except (TypeError, ValueError):  # a traced per-class weight: no key, build it every call
         return _cpu_pair(op, num_classes, options)
     return _cached_cpu_pair(key)

@@ -37,6 +37,7 @@ import keras
 
 from . import _backend
 from . import _kernel_ops
+from ._backend import dtype_name as _dtype_name
 
 ENV_VAR = "KERAS_STABLE_HEADS_IMPLEMENTATION"
 CHOICES = ("auto", "portable", "native", "numba_cpu", "numba_cuda")
@@ -232,7 +233,7 @@ class Implementation:
             return f"{self.name} has no kernel for {op}"
         if _backend.BACKEND not in self.backends:
             return f"{self.name} does not serve the {_backend.BACKEND} backend"
-        dtype = keras.backend.standardize_dtype(x.dtype)
+        dtype = _dtype_name(x.dtype)
         if dtype not in self.dtypes:
             return f"{self.name} computes {' and '.join(sorted(self.dtypes))} only, got {dtype}"
         if x.shape[-1] is None:
@@ -354,12 +355,47 @@ def _elements(x):
     return size
 
 
+_REQUESTED_PORTABLE = Choice("portable", "requested")
+# Choices already made, by everything they depend on (see _choice_key); a training step asks the same question
+# on every call, and answering it costs more than a small step's loss.
+_CHOICES = {}
+_MAX_CHOICES = 1024
+
+
 def choose(op, x, implementation=None, options=None):
     """The :class:`Choice` for computing ``op`` on logits ``x`` (already float32/float64, classes last) with the
     op's ``options`` (a dict; None: the defaults)."""
     wanted = requested(implementation)
     if wanted == "portable":
-        return Choice("portable", "requested")
+        return _REQUESTED_PORTABLE
+    key = _choice_key(op, x, wanted, options)
+    choice = _CHOICES.get(key) if key is not None else None
+    if choice is None:
+        choice = _choose(op, x, wanted, options)
+        if key is not None:
+            if len(_CHOICES) >= _MAX_CHOICES:
+                _CHOICES.clear()
+            _CHOICES[key] = choice
+    return choice
+
+
+def _choice_key(op, x, wanted, options):
+    """What a choice depends on: the op and request, the logits' dtype, shape, device and tracing context, the
+    options, and the thresholds in force (tests and users may change them); None where an option is traced."""
+    options = options or {}
+    try:
+        key = tuple(options.items())  # one call site passes its options in one order
+        hash(key)
+    except TypeError:  # per-class weights as a list or an array
+        try:
+            key = _kernel_ops.options_key(options)
+        except (TypeError, ValueError):
+            return None
+    thresholds = tuple((impl.threshold(op), (impl.max_elements or {}).get(_backend.BACKEND)) for impl in REGISTRY.values())
+    return op, wanted, _dtype_name(x.dtype), tuple(x.shape), _context(x), key, thresholds
+
+
+def _choose(op, x, wanted, options):
     if wanted != "auto":
         blocker = REGISTRY[wanted].blocker(op, x, options)
         if blocker:
@@ -372,7 +408,7 @@ def choose(op, x, implementation=None, options=None):
         if blocker is None:
             blocker = _size_blocker(impl, op, x)
             if blocker is None:
-                return Choice(impl.name, functools.partial(_chosen_because, impl, op, x))
+                return Choice(impl.name, functools.partial(_chosen_because, impl, op, _shape(x)))
         reasons.append(blocker)
     return Choice("portable", lambda: "; ".join(reasons) or "no other implementation")
 
@@ -394,27 +430,34 @@ def _size_blocker(impl, op, x):
     return None
 
 
-def _chosen_because(impl, op, x):
+def _chosen_because(impl, op, shape):
     device = next(iter(impl.devices))
     if impl.name == "native":
-        return (f"{_shape(x)} on {device}: {NATIVE_OPS[_backend.BACKEND][op]} computes these options exactly and is "
+        return (f"{shape} on {device}: {NATIVE_OPS[_backend.BACKEND][op]} computes these options exactly and is "
                 f"the fastest below {impl.max_elements[_backend.BACKEND]} logits")
     threshold = impl.threshold(op)
     when = f"from {threshold} logits" if threshold else f"at every size measured on {_backend.BACKEND}"
-    return f"{_shape(x)} float32 on {device}; {impl.name} is faster {when}"
+    return f"{shape} float32 on {device}; {impl.name} is faster {when}"
 
 
 def _shape(x):
     return "x".join("?" if d is None else str(d) for d in x.shape)
 
 
-def run(choice, op, logits, labels, options, exact=None):
+def checks_labels(choice):
+    """Whether the chosen implementation finds out-of-range integer labels itself (PyTorch's eager native op raises
+    on them), so that the eager host-side check of every call (``ops._check_label_range``) can be skipped."""
+    return choice.implementation == "native" and _backend.BACKEND == "torch"
+
+
+def run(choice, op, logits, labels, options, exact=None, check_labels=None):
     """Compute ``op`` with the chosen implementation; returns the per-example loss (leading shape).
 
     ``exact()`` computes the same loss on the portable path: the native op falls back to it where its own formula
-    would give a NaN that this package's does not (see ``bridges/torch_native.py``)."""
+    would give a NaN that this package's does not (see ``bridges/torch_native.py``). ``check_labels()`` raises the
+    package's error for out-of-range integer labels, for an implementation that :func:`checks_labels` itself."""
     if choice.implementation == "native":
-        return _bridge("native").run(op, logits, labels, options, exact)
+        return _bridge("native").run(op, logits, labels, options, exact, check_labels)
     num_classes = int(logits.shape[-1])
     cuda = choice.implementation == "numba_cuda"
     pair = (_kernel_ops.cuda_pair if cuda else _kernel_ops.cpu_pair)(op, num_classes, options)

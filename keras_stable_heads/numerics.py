@@ -13,12 +13,14 @@ Conventions (shared with the kernels and the float64 references in ``reference.p
 import keras
 from keras import ops
 
+from ._backend import dtype_name
+
 _LOW_PRECISION = ("float16", "bfloat16")
 
 
 def compute_dtype(dtype):
     """The dtype a loss computes in: float32 for float16/bfloat16 (and integers), else the input's own."""
-    name = keras.backend.standardize_dtype(dtype)
+    name = dtype_name(dtype)
     return name if name in ("float32", "float64") else "float32"
 
 
@@ -26,7 +28,7 @@ def upcast(x):
     """``x`` as a tensor in :func:`compute_dtype` (float16/bfloat16 logits are computed in float32)."""
     x = ops.convert_to_tensor(x)
     target = compute_dtype(x.dtype)
-    return x if keras.backend.standardize_dtype(x.dtype) == target else ops.cast(x, target)
+    return x if dtype_name(x.dtype) == target else ops.cast(x, target)
 
 
 # keras.ops.maximum/minimum return float32 for two float64 tensors on PyTorch, and keras.ops.tanh and
@@ -110,7 +112,7 @@ def softcap(z, cap):
 
 
 def is_neg_inf(x):
-    return ops.isinf(x) & (x < 0)
+    return ops.equal(x, float("-inf"))
 
 
 def mean_last(x):

@@ -95,7 +95,7 @@ def _integer_labels(labels, logits_rank, axis):
             f"Integer `labels` of shape {labels.shape} do not fit logits of rank {logits_rank}: expected rank "
             f"{logits_rank - 1} (one class id per example). For one-hot labels use `softmax_cross_entropy`."
         )
-    return ops.cast(labels, "int32")
+    return labels if _backend.dtype_name(labels.dtype) == "int32" else ops.cast(labels, "int32")
 
 
 def _check_label_range(labels, num_classes, ignore_class):
@@ -250,11 +250,13 @@ def softmax_cross_entropy_with_integer_labels(
     labels = _integer_labels(labels, len(logits.shape), axis)
     logits = _class_axis_last(logits, axis)
     num_classes = _static_size(logits, "logits")
-    _check_label_range(labels, num_classes, ignore_class)
     options = dict(ignore_class=ignore_class, label_smoothing=eps, class_weight=class_weight, z_loss=z_loss,
                    logit_softcap=cap)
     w = _per_class(class_weight, num_classes, logits.dtype, "class_weight")  # validates its length on every path
     choice = dispatch.choose("sparse_softmax_ce", logits, implementation, options)
+    check_labels = functools.partial(_check_label_range, labels, num_classes, ignore_class)
+    if not dispatch.checks_labels(choice):  # else the op itself finds a bad label, and then calls check_labels
+        check_labels()
 
     def portable():
         forward = _sparse_softmax_ce_forward(labels, num_classes, logits.dtype, ignore_class=ignore_class, eps=eps,
@@ -262,7 +264,8 @@ def softmax_cross_entropy_with_integer_labels(
         return fused(forward)(logits)
 
     if choice.implementation != "portable":
-        return dispatch.run(choice, "sparse_softmax_ce", logits, labels, options, exact=portable)
+        return dispatch.run(choice, "sparse_softmax_ce", logits, labels, options, exact=portable,
+                            check_labels=check_labels)
     return portable()
 
 
@@ -276,10 +279,15 @@ def _sparse_softmax_ce_forward(labels, num_classes, dtype, *, ignore_class, eps,
     the per-example ``upstream``.
     """
     in_range = ops.logical_and(labels >= 0, labels < num_classes)
-    ignored = ops.zeros_like(in_range) if ignore_class is None else ops.equal(labels, ignore_class)
-    kept = ops.logical_and(in_range, ops.logical_not(ignored))
-    invalid = ops.logical_and(ops.logical_not(in_range), ops.logical_not(ignored))
+    if ignore_class is None:
+        kept, invalid = in_range, None
+    else:
+        ignored = ops.equal(labels, ignore_class)
+        kept = ops.logical_and(in_range, ops.logical_not(ignored))
+        invalid = ops.logical_and(ops.logical_not(in_range), ops.logical_not(ignored))
     safe_labels = ops.expand_dims(ops.where(kept, labels, ops.zeros_like(labels)), -1)
+    if not eps and w is None and not z_loss and cap is None:
+        return _plain_sparse_forward(safe_labels, num_classes, dtype, kept, invalid)
     # Per-example weight of the true class, and the total weight of the smoothed target (a row sum of w y').
     w_y = ops.ones(ops.shape(safe_labels), dtype) if w is None else ops.take(w, safe_labels)
     w_sum = float(num_classes) if w is None else ops.sum(w)
@@ -289,7 +297,7 @@ def _sparse_softmax_ce_forward(labels, num_classes, dtype, *, ignore_class, eps,
         z, dz = softcap(x, cap)
         shift, e, total = shifted_exp(z)
         log_sum = ops.log(total)
-        z_y = ops.take_along_axis(z, safe_labels, axis=-1)
+        z_y = _backend.take_class(z, safe_labels)
         loss = safe_mul((1.0 - eps) * w_y, (shift - z_y) + log_sum)
         if eps:
             # sum_c w_c (lse - z_c) == w_sum log_sum - sum_c w_c (z_c - shift): shift cancels exactly
@@ -306,7 +314,38 @@ def _sparse_softmax_ce_forward(labels, num_classes, dtype, *, ignore_class, eps,
             if eps:
                 target = target + (eps / num_classes) * (1.0 if w is None else w)
             grad = _softmax_ce_grad(e, total, shift, log_sum, dz, target, total_target, z_loss, g)
-            return _mark_labels(grad, ops.expand_dims(kept, -1), ops.expand_dims(invalid, -1))
+            return _mark_labels(grad, ops.expand_dims(kept, -1), None if invalid is None else ops.expand_dims(invalid, -1))
+
+        return loss, vjp
+
+    return forward
+
+
+def _plain_sparse_forward(safe_labels, num_classes, dtype, kept, invalid):
+    """The same forward with no option set (no smoothing, class weights, z-loss or softcap): what most training
+    jobs ask for. Each row's special cases (upstream, a row of -inf logits, an ignored or out-of-range label)
+    become one per-row factor ``f`` of the gradient ``e * (f / total) - one_hot * f``, so that the backward is
+    three elementwise ops on the logits instead of seven; in a TensorFlow graph without XLA, where every op costs
+    its own dispatch, that is what keeps a small step as fast as Keras's own loss.
+    """
+
+    def forward(x):
+        shift, e, total = shifted_exp(x)
+        log_sum = ops.log(total)
+        z_y = _backend.take_class(x, safe_labels)
+        dead = is_neg_inf(log_sum)  # a row of -inf logits: loss +inf, gradient 0
+        # (shift - z_y) + log_sum is exact at the row max, and NaN (-inf + inf) for a dead row
+        loss = ops.where(dead, ops.full_like(log_sum, float("inf")), (shift - z_y) + log_sum)[..., 0]
+        loss = _mark_labels(loss, kept, invalid)
+
+        def vjp(g):
+            f = ops.expand_dims(_mark_labels(g, kept, invalid), -1)
+            zero = ops.zeros_like(total)
+            grad = (e * ops.where(dead, zero, f / total)
+                    - ops.one_hot(safe_labels[..., 0], num_classes, dtype=dtype) * ops.where(dead, zero, f))
+            if invalid is not None:  # exactly 0 for an ignored row, whatever its logits (inf * 0 would be NaN)
+                grad = ops.where(ops.expand_dims(ops.logical_or(kept, invalid), -1), grad, ops.zeros_like(grad))
+            return grad
 
         return loss, vjp
 
@@ -314,9 +353,10 @@ def _sparse_softmax_ce_forward(labels, num_classes, dtype, *, ignore_class, eps,
 
 
 def _mark_labels(value, kept, invalid):
-    """Ignored entries -> 0; out-of-range labels -> NaN (loud in a compiled step, where no error can be raised)."""
-    filler = ops.where(invalid, ops.full_like(value, float("nan")), ops.zeros_like(value))
-    return ops.where(kept, value, filler)
+    """Ignored entries -> 0; out-of-range labels -> NaN (loud in a compiled step, where no error can be raised).
+    ``invalid=None``: there is no ignored class, so every entry not kept is out of range."""
+    nan = ops.full_like(value, float("nan"))
+    return ops.where(kept, value, nan if invalid is None else ops.where(invalid, nan, ops.zeros_like(value)))
 
 
 def softmax_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_smoothing=0.0, axis=-1,

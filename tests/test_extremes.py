@@ -185,6 +185,36 @@ def test_ignored_and_out_of_range_labels():
         ops.softmax_cross_entropy_with_integer_labels(z, np.array([1, 5, 0, 0]))
     with pytest.raises(ValueError, match="ignore_class"):
         ops.softmax_cross_entropy_with_integer_labels(z, np.array([1, -1, 0, 0]))
+    with pytest.raises(ValueError, match="ignore_class"):  # F.cross_entropy's own default ignore_index is no exception
+        ops.softmax_cross_entropy_with_integer_labels(z, np.array([1, -100, 0, 0]))
+
+
+@pytest.mark.parametrize("ignore_class", [None, -1])
+def test_sparse_portable_plain_and_general_forms_agree_on_adversarial_rows(ignore_class):
+    """With no option set the portable op takes its lean form (the row cases folded into one factor per row);
+    class weights of 1 give the same loss through the general form. Both must match the reference on every row:
+    a row of -inf logits (loss +inf, gradient 0), a masked target next to +-1e30, and, when ignoring, ignored rows
+    holding +inf, -inf and NaN logits (loss 0, gradient exactly 0)."""
+    rng = np.random.default_rng(11)
+    z = rng.normal(0, 3, (7, 5)).astype(np.float32)
+    z[1] = -INF
+    z[2, :3] = [1e30, -1e30, -INF]
+    y = np.array([0, 2, 1, 4, 3, 0, 2])
+    if ignore_class is not None:
+        z[4, 0], z[5, 1], z[6, 2] = INF, np.nan, -INF
+        y[4:] = ignore_class
+    want = ref.sparse_softmax_ce(z, y, ignore_class=ignore_class)
+    for weights in (None, np.ones(5)):
+        loss, grad = value_and_grad(lambda x: ops.softmax_cross_entropy_with_integer_labels(
+            x, y, ignore_class=ignore_class, class_weight=weights, implementation="portable"), z)
+        np.testing.assert_allclose(loss, want, rtol=1e-6)
+        assert loss[1] == INF and np.all(grad[1] == 0.0)
+        if ignore_class is not None:
+            assert np.all(loss[4:] == 0.0) and np.all(grad[4:] == 0.0)
+        finite = [0, 3] if ignore_class is not None else [0, 3, 4, 5, 6]
+        logp, _ = ref.log_softmax(z[finite])
+        np.testing.assert_allclose(grad[finite], np.exp(logp) - np.eye(5)[y[finite]], atol=2e-6)
+        np.testing.assert_allclose(grad[2], [1.0, 0.0, 0.0, 0.0, 0.0] - np.eye(5)[1], atol=1e-6)
 
 
 def test_focal_at_gamma_zero_equals_cross_entropy_exactly():

@@ -13,7 +13,7 @@ step), a row whose logits are all ``-inf`` (+inf here) — ``tf.cond`` computes 
 import tensorflow as tf
 
 
-def run(op, logits, labels, options, exact):
+def run(op, logits, labels, options, exact, check_labels=None):  # labels are range-checked before, in eager mode
     num_classes = logits.shape[-1]
     ignore = options.get("ignore_class")
     y = tf.cast(labels, tf.int32)

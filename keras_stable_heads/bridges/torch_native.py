@@ -12,17 +12,24 @@ runs eagerly, so the check is one host read of a flag.
 import torch
 from torch.nn import functional
 
-_NO_IGNORED_CLASS = -100  # F.cross_entropy's default; labels are range-checked before (ops._check_label_range)
+# No ignored class: an ignore_index that no label can equal (labels are int32 before .long()), so that every
+# out-of-range label, -100 (F.cross_entropy's default ignore_index) included, raises.
+_NO_IGNORED_CLASS = -(1 << 63)
 
 
-def run(op, logits, labels, options, exact):
+def run(op, logits, labels, options, exact, check_labels=None):
     num_classes = logits.shape[-1]
     flat = logits.dim() == 2
     z = logits if flat else logits.reshape(-1, num_classes)
     if op == "sparse_softmax_ce":
         ignore = options.get("ignore_class")
-        loss = functional.cross_entropy(z, labels.reshape(-1).long(), reduction="none",
-                                        ignore_index=_NO_IGNORED_CLASS if ignore is None else int(ignore))
+        try:
+            loss = functional.cross_entropy(z, labels.reshape(-1).long(), reduction="none",
+                                            ignore_index=_NO_IGNORED_CLASS if ignore is None else int(ignore))
+        except IndexError:  # "Target 10 is out of bounds": say it as the other paths do
+            if check_labels is not None:
+                check_labels()
+            raise
     else:
         y = labels if flat else labels.reshape(-1, num_classes)
         loss = functional.cross_entropy(z, y.to(z.dtype), reduction="none")
