@@ -52,6 +52,12 @@ CHOICES = ("auto", "portable", "native", "numba_cpu", "numba_cuda")
 # - JAX: the portable path (one exp per logit, XLA-fused like optax) wins up to ~2M logits (65536x10: 1.72 vs
 #   1.94; 2048x1000: 1.49 vs 1.73, run 20261126T122235Z-7dc1a3), the kernels from ~4M (4096x1000: 3.0 vs 5.3;
 #   8192x1000: 8.0 vs 9.9; 4096x32000: 151 vs 347). 16384x256 (4.2M logits) is a tie (4.5 vs 4.3).
+#   Re-measured on the 2-core Intel Xeon (AVX-512, 2026-12-07, jitted value_and_grad, min of 20): the portable path
+#   wins up to 8192x1000 (2048x1000 1.13 vs 1.40, 4096x1000 2.07 vs 2.48, 8192x1000 4.85 vs 6.20), the kernels from
+#   2048x4096 (10.4 vs 14.9; 16384x1000 21.5 vs 30.0). The step is where the gradient stops fitting glibc's
+#   largest reused block (32 MiB of float32, 8.4M logits): above it every XLA buffer is freshly mapped, which costs
+#   the portable path's several buffers more. 4M is kept: it loses 16-20% here between 4M and 8M logits, while 8M
+#   would lose 43% on the AMD box at 4096x1000.
 NUMBA_MIN_ELEMENTS = {"jax": 4_000_000, "torch": 0, "tensorflow": 1 << 16}
 # The same for the CUDA kernels on a GPU, measured on an H200 by the script later folded into the harness
 # (benchmarks/results/gpu_harness_records.jsonl). torch: the kernels beat the portable path at every size measured
@@ -87,10 +93,11 @@ _MEASURED_OPS = frozenset({"sparse_softmax_ce", "softmax_ce", "sigmoid_ce"})
 # (run 20261207T012710Z-d64edd), min ms native / numba_cpu / Keras:
 # - torch sparse: 32x10 0.158 / 0.224 / 0.168, 256x100 0.217 / 0.279 / 0.191, 1024x32 0.218 / 0.242 / 0.210,
 #   2048x32 0.315 / 0.298 / 0.267, 8192x32 0.679 / 0.621 / 0.606: native below 65,536 logits, the kernels from there.
-# - TensorFlow: never automatic. Keras's fit compiles with XLA on the CPU, where XLA's fusion of the portable path
-#   is as fast or faster (32x10 0.214 vs Keras+XLA 0.198; 1024x32 0.315 vs 0.432); in a plain tf.function the
-#   native op gained 0-17% over the portable path and lost to the kernels from 2048x32; in fit (batch 32/256, 10
-#   classes) builtin/stable was 0.98/0.94 with native against 0.98/1.10 with the portable path.
+# - TensorFlow: never automatic. Keras's fit runs a tf.function without XLA on a CPU-only machine (jit_compile
+#   "auto" resolves to False there), where the native op gained 0-17% over the portable path and lost to the
+#   kernels from 2048x32; in fit (batch 32/256, 10 classes) builtin/stable was 0.98/0.94 with native against
+#   0.98/1.10 with the portable path. Under XLA the portable path is as fast or faster (32x10 0.214 vs Keras+XLA
+#   0.198; 1024x32 0.315 vs 0.432).
 NATIVE_MAX_ELEMENTS = {"torch": 1 << 16}
 NATIVE_MIN_ELEMENTS = {"torch": 0, "tensorflow": None}
 
