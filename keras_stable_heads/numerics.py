@@ -10,7 +10,6 @@ Conventions (shared with the kernels and the float64 references in ``reference.p
 - NaN in gives NaN out: nothing here replaces a NaN with a number.
 """
 
-import keras
 from keras import ops
 
 from ._backend import dtype_name

@@ -423,8 +423,11 @@ def _check_vectorized_without_library_calls(name, asm):
     assert math_calls <= ({"logf"} if name in ("softmax_ce_sparse_fwd", "softmax_focal_fwd") else set()), math_calls
     assert "cvtps2pd" not in asm
     assert _WIDE_PACKED_FMA.search(asm), "no packed ymm/zmm FMA: the loops did not vectorize"
-    if name in ("softmax_ce_sparse_fwd", "softmax_focal_fwd"):  # the exp pass prefetches the next row into L2
-        assert re.search(r"prefetcht1\s", asm), "no prefetcht1: the next row is not prefetched"
+    if name in ("softmax_ce_sparse_fwd", "softmax_focal_fwd"):
+        from keras_stable_heads.kernels._config import PREFETCH
+
+        # the exp pass prefetches the next row into L2 where that was measured faster (no AVX-512), and only there
+        assert bool(re.search(r"prefetcht1\s", asm)) == PREFETCH, f"prefetcht1 in the forward should be {PREFETCH}"
 
 
 def _host_has_avx2_fma():

@@ -40,8 +40,25 @@ TANH_POLY_MAX = np.float32(0.625)
 # label smoothing, z-loss and softcap 168 -> 125 ms), 8192 x 1000 5.96 -> 5.16 ms (17.0 -> 12.7). The dense
 # forward (three reductions per span) ran slower with spans (4.9 -> 7.1 ms at 8192 x 1000) and keeps whole-row
 # loops without prefetch.
+# On the 2-core Intel Xeon with AVX-512 (LLVM target rocketlake, 480 MiB L3) the spans cost instead of gaining: the
+# same forward (max pass, then the exp-sum pass) as one whole-row loop without prefetch took 1.87 ms against 2.59
+# at 8192 x 1000, 35.5 against 49.9 ms at 4096 x 32000 (the read floor is 31 ms) and 1.84 against 3.21 at
+# 65536 x 100; the spans without their prefetches were slower still (3.15, 54.4, 3.31), so it is the span loops
+# themselves (a 64-float vector iteration restarting every 256 floats). So the spans and their prefetches are
+# used only where the host has no AVX-512; elsewhere PREFETCH is off and the exp passes run over whole rows.
+# Unmeasured: AVX-512 machines other than that one (e.g. Zen 4).
+def _host_has_avx512():
+    try:
+        from llvmlite import binding
+
+        return bool(binding.get_host_cpu_features().get("avx512f", False))
+    except Exception:  # no feature query on this platform: keep the measured AVX2 layout
+        return False
+
+
+PREFETCH = not _host_has_avx512()
 PREFETCH_SPAN = 256
-PREFETCH_MAX_C = 32768
+PREFETCH_MAX_C = 32768 if PREFETCH else 0
 FLOATS_PER_LINE = 16
 
 # Kernel calls over fewer values than this run on the calling thread alone (numba.set_num_threads(1) around the

@@ -36,6 +36,7 @@ from ._config import (
     FASTMATH,
     FLOATS_PER_LINE,
     LSE_RECOMPUTE_ABOVE,
+    PREFETCH,
     PREFETCH_MAX_C,
     PREFETCH_SPAN,
     ROW_BLOCK,
@@ -130,19 +131,27 @@ def next_row(i, n, c):
 
 @njit(**_inline)
 def prefetch_span(x, i, j0, j1):
-    """Prefetch row ``i``'s entries ``[j0, j1)`` into L2, one hint per cache line."""
-    for j in range(j0, j1, FLOATS_PER_LINE):
-        prefetch_row_f32(x, i, j)
+    """Prefetch row ``i``'s entries ``[j0, j1)`` into L2, one hint per cache line (nothing where PREFETCH is off:
+    then a span is the whole row)."""
+    if PREFETCH:
+        for j in range(j0, j1, FLOATS_PER_LINE):
+            prefetch_row_f32(x, i, j)
 
 
 # The exp passes below run over a row already in cache (its max pass just read it) in spans of PREFETCH_SPAN;
 # before each span they prefetch the same span of row ``nxt`` (see next_row), which the next max pass reads.
+# Where PREFETCH is off (AVX-512 hosts, see _config) each is one loop over the whole row: any loop around the
+# inner one, even a single span, measured as slow as the spans.
 
 
 @njit(**_inline)
 def _row_sumexp(x, i, shift, nxt):
     s = ZERO
     c = x.shape[1]
+    if not PREFETCH:
+        for j in range(c):
+            s += exp_nonpos_f32(x[i, j] - shift)
+        return s
     for j0 in range(0, c, PREFETCH_SPAN):
         j1 = min(j0 + PREFETCH_SPAN, c)
         prefetch_span(x, nxt, j0, j1)
@@ -155,6 +164,10 @@ def _row_sumexp(x, i, shift, nxt):
 def _row_sumexp_cap(x, i, shift, cap, inv_cap, nxt):
     s = ZERO
     c = x.shape[1]
+    if not PREFETCH:
+        for j in range(c):
+            s += exp_nonpos_f32(_softcap(x[i, j], cap, inv_cap) - shift)
+        return s
     for j0 in range(0, c, PREFETCH_SPAN):
         j1 = min(j0 + PREFETCH_SPAN, c)
         prefetch_span(x, nxt, j0, j1)
@@ -170,6 +183,12 @@ def _row_sumexp_gap(x, i, shift, w, nxt):
     s = ZERO
     g = ZERO
     c = x.shape[1]
+    if not PREFETCH:
+        for j in range(c):
+            z = x[i, j]
+            s += exp_nonpos_f32(z - shift)
+            g += w[j] * (shift - z)
+        return s, g
     for j0 in range(0, c, PREFETCH_SPAN):
         j1 = min(j0 + PREFETCH_SPAN, c)
         prefetch_span(x, nxt, j0, j1)
@@ -185,6 +204,12 @@ def _row_sumexp_gap_cap(x, i, shift, w, cap, inv_cap, nxt):
     s = ZERO
     g = ZERO
     c = x.shape[1]
+    if not PREFETCH:
+        for j in range(c):
+            z = _softcap(x[i, j], cap, inv_cap)
+            s += exp_nonpos_f32(z - shift)
+            g += w[j] * (shift - z)
+        return s, g
     for j0 in range(0, c, PREFETCH_SPAN):
         j1 = min(j0 + PREFETCH_SPAN, c)
         prefetch_span(x, nxt, j0, j1)
