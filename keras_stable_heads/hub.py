@@ -99,6 +99,15 @@ class LMHead:
     def reverse_dtype(self):
         return getattr(self.embedding, "reverse_dtype", None)
 
+    @property
+    def kernel_trainable(self):
+        """Whether the kernel gets a gradient: not when the layer is frozen (keras-hub's ``enable_lora`` freezes the
+        embeddings), and then the fused op skips it. A tied kernel with LoRA on the embedding itself does (its
+        gradient flows into the low-rank factors)."""
+        if self.tied:
+            return bool(self.embedding.trainable_weights)
+        return bool(getattr(self.embedding.reverse_embeddings, "trainable", True))
+
     def operands(self, hidden):
         """``(hidden, kernel)`` in the dtypes the layer's reverse matmul multiplies them in, so the fused loss is
         the compiled loss of the model's own logits.
@@ -362,7 +371,8 @@ def _fused_loss(model, state, y, hidden, sample_weight):
     op = functools.partial(
         linear_ce.weighted_sum, transpose_kernel=head.tied, ignore_class=config.ignore_class,
         label_smoothing=config.label_smoothing, z_loss=config.z_loss, logit_softcap=head.softcap,
-        chunk_size=state.chunk_size, implementation=state.implementation, accuracy=bool(accuracies))
+        chunk_size=state.chunk_size, implementation=state.implementation, accuracy=bool(accuracies),
+        kernel_grad=head.kernel_trainable)
     total, correct = _per_batch_shard(op, hidden, kernel, labels, weights)  # ReversibleEmbedding has no bias
     loss = total / _divisor(config, labels, weights, total.dtype) * config.loss_weight
     for metric in accuracies:

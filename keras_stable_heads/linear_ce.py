@@ -103,6 +103,7 @@ class _Spec:
     hidden_dtype: str
     kernel_dtype: str
     bias_dtype: str
+    kernel_grad: bool = True  # False: a frozen kernel (e.g. LoRA), whose gradient is neither computed nor returned
 
 
 def _float_tensor(name, x):
@@ -185,13 +186,15 @@ def _chunk_tokens(num_tokens, num_classes, chunk_size, kernels=False):
 
 
 def _prepare(hidden, kernel, labels, bias, transpose_kernel, ignore_class, label_smoothing, z_loss, logit_softcap,
-             chunk_size, implementation):
+             chunk_size, implementation, kernel_grad=True):
     ignore_class = check.integer_or_none("ignore_class", ignore_class)
     eps = check.fraction("label_smoothing", label_smoothing)
     z_loss = check.non_negative("z_loss", z_loss)
     cap = check.positive_or_none("logit_softcap", logit_softcap)
     if not isinstance(transpose_kernel, bool):
         raise TypeError(f"`transpose_kernel` must be True or False, got {transpose_kernel!r}.")
+    if not isinstance(kernel_grad, bool):
+        raise TypeError(f"`kernel_grad` must be True or False, got {kernel_grad!r}.")
     hidden, hidden_dtype = _float_tensor("hidden", hidden)
     kernel, kernel_dtype = _float_tensor("kernel", kernel)
     bias_dtype = None
@@ -209,7 +212,7 @@ def _prepare(hidden, kernel, labels, bias, transpose_kernel, ignore_class, label
         transpose_kernel=transpose_kernel, has_bias=bias is not None, ignore_class=ignore_class, eps=eps,
         z_loss=z_loss, cap=cap, operand_dtype=operand, compute_dtype=compute_dtype(operand),
         kernels=kernels, xla=not kernels and _glue.xla_cluster(),
-        hidden_dtype=hidden_dtype, kernel_dtype=kernel_dtype, bias_dtype=bias_dtype,
+        hidden_dtype=hidden_dtype, kernel_dtype=kernel_dtype, bias_dtype=bias_dtype, kernel_grad=kernel_grad,
     )
     return spec, hidden, kernel, bias, labels
 
@@ -288,7 +291,9 @@ def _chunk_backward(spec, h, kernel, dz, acc):
     dz_op = ops.cast(dz, spec.operand_dtype)
     # dh = dz @ W^T: W is (D, V), or (V, D) when transposed
     dh = _glue.dot(dz_op, kernel, transpose_b=not spec.transpose_kernel, out_dtype=spec.compute_dtype)
-    if spec.transpose_kernel:
+    if not spec.kernel_grad:  # a frozen kernel: one matmul of three skipped, no (D, V) accumulator
+        dk = acc[0]
+    elif spec.transpose_kernel:
         dk = _glue.dot_add(acc[0], dz_op, h, transpose_a=True)  # dE += dz^T @ h, (V, D)
     else:
         dk = _glue.dot_add(acc[0], h, dz_op, transpose_a=True)  # dW += h^T @ dz, (D, V)
@@ -297,18 +302,21 @@ def _chunk_backward(spec, h, kernel, dz, acc):
 
 
 def _accumulators(spec, kernel):
-    """Zero ``(dkernel[, dbias])`` in the compute dtype (a tuple: loops cannot carry None)."""
-    dk = ops.zeros(ops.shape(kernel), spec.compute_dtype)
+    """Zero ``(dkernel[, dbias])`` in the compute dtype (a tuple: loops cannot carry None; a frozen kernel's
+    place holds a scalar)."""
+    dk = ops.zeros(ops.shape(kernel) if spec.kernel_grad else (), spec.compute_dtype)
     return (dk, ops.zeros((spec.num_classes,), spec.compute_dtype)) if spec.has_bias else (dk,)
 
 
 def _finish_grads(spec, dh, acc, scale=None):
-    """``(dhidden, dkernel, dbias or None)`` in the inputs' dtypes, times ``scale`` (the reduced op's upstream)."""
-    dk, db = acc[0], (acc[1] if spec.has_bias else None)
+    """``(dhidden, dkernel or None, dbias or None)`` in the inputs' dtypes, times ``scale`` (the reduced op's
+    upstream). A frozen kernel (``kernel_grad=False``) gets None: no gradient, which every backend reads as zero."""
+    dk, db = (acc[0] if spec.kernel_grad else None), (acc[1] if spec.has_bias else None)
     if scale is not None:
-        dh, dk = ops.cast(dh * ops.cast(scale, dh.dtype), spec.hidden_dtype), dk * scale
+        dh = ops.cast(dh * ops.cast(scale, dh.dtype), spec.hidden_dtype)
+        dk = None if dk is None else dk * scale
         db = None if db is None else db * scale
-    dk = ops.cast(dk, spec.kernel_dtype)
+    dk = None if dk is None else ops.cast(dk, spec.kernel_dtype)
     db = None if db is None else ops.cast(db, spec.bias_dtype)
     return dh, dk, db
 
@@ -370,7 +378,7 @@ def _general_op(spec):
 
 def linear_softmax_cross_entropy_with_integer_labels(
     hidden, kernel, labels, *, bias=None, transpose_kernel=False, ignore_class=None, label_smoothing=0.0, z_loss=0.0,
-    logit_softcap=None, chunk_size=None, implementation=None,
+    logit_softcap=None, chunk_size=None, implementation=None, kernel_grad=True,
 ):
     """Softmax cross-entropy of ``hidden @ kernel (+ bias)`` against integer labels, without materialising the logits.
 
@@ -395,6 +403,9 @@ def linear_softmax_cross_entropy_with_integer_labels(
             XLA and on torch), or None/``"auto"``: the kernels on torch and in eager TensorFlow where they can run,
             else the portable path (in a TensorFlow graph, compiled by XLA as one cluster). The matmuls are the
             backend's own either way.
+        kernel_grad: False for a frozen kernel (a tied embedding under LoRA, a head that is not trained): its
+            gradient is not computed (one matmul of three in the backward, no ``(D, V)`` float32 accumulator) and
+            is returned as None, which every backend treats as zero.
 
     Returns:
         The per-token loss, shape ``hidden.shape[:-1]``, float32 (float64 for float64 inputs).
@@ -408,7 +419,8 @@ def linear_softmax_cross_entropy_with_integer_labels(
         [1.3863, 1.3863]
     """
     spec, hidden, kernel, bias, labels = _prepare(hidden, kernel, labels, bias, transpose_kernel, ignore_class,
-                                                  label_smoothing, z_loss, logit_softcap, chunk_size, implementation)
+                                                  label_smoothing, z_loss, logit_softcap, chunk_size, implementation,
+                                                  kernel_grad)
     h3, l3 = _chunked(spec, hidden, labels)
     args = (h3, kernel, l3) + ((bias,) if spec.has_bias else ())
     (loss3,) = _general_op(spec)(*args)
@@ -468,7 +480,7 @@ def _reduced_op(spec, accuracy):
 
 def weighted_sum(hidden, kernel, labels, weights, *, bias=None, transpose_kernel=False, ignore_class=None,
                  label_smoothing=0.0, z_loss=0.0, logit_softcap=None, chunk_size=None, implementation=None,
-                 accuracy=False):
+                 accuracy=False, kernel_grad=True):
     """``(sum_n weights_n * loss_n, sum_n weights_n * [argmax_c logits_nc == labels_n])`` of the fused linear CE.
 
     The reduced op behind :class:`~keras_stable_heads.FusedSparseSoftmaxCE`: its output is one scalar, so the
@@ -481,7 +493,8 @@ def weighted_sum(hidden, kernel, labels, weights, *, bias=None, transpose_kernel
     :func:`linear_softmax_cross_entropy_with_integer_labels`.
     """
     spec, hidden, kernel, bias, labels = _prepare(hidden, kernel, labels, bias, transpose_kernel, ignore_class,
-                                                  label_smoothing, z_loss, logit_softcap, chunk_size, implementation)
+                                                  label_smoothing, z_loss, logit_softcap, chunk_size, implementation,
+                                                  kernel_grad)
     weights = ops.convert_to_tensor(weights)
     weights = ops.reshape(ops.cast(weights, spec.compute_dtype), ops.shape(labels))
     h3, l3, w3 = _chunked(spec, hidden, labels, weights)

@@ -164,7 +164,8 @@ class FusedSparseSoftmaxCE(_StableLoss):
             keep = None if self.ignore_class is None else kops.not_equal(labels, self.ignore_class)
             if keep is not None:
                 mask = keep if mask is None else kops.logical_and(keep, kops.cast(mask, "bool"))
-            options = dict(bias=payload.bias, **self._op_options())
+            # a frozen head (trainable=False) gets no kernel gradient: the op skips that matmul
+            options = dict(bias=payload.bias, kernel_grad=bool(payload.head.kernel.trainable), **self._op_options())
             if self.reduction in (None, "none"):
                 loss = linear_ce.linear_softmax_cross_entropy_with_integer_labels(hidden, payload.kernel, labels,
                                                                                   **options)

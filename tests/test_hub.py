@@ -344,6 +344,7 @@ def test_lora_fine_tuning_and_save_load(tmp_path):
     np.testing.assert_allclose(got["loss"], want["loss"], rtol=1e-5)
     assert [v.path for v in fused.trainable_variables] == [v.path for v in reference.trainable_variables]
     assert all("lora" in v.path for v in fused.trainable_variables)
+    assert not hub.lm_head(fused).kernel_trainable  # so the fused op skipped the embedding's gradient
     for path, a, b in zip([v.path for v in fused.weights], _numpy(fused.get_weights()),
                           _numpy(reference.get_weights())):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, err_msg=path)

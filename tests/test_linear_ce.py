@@ -2,6 +2,7 @@
 backend: float64 references and gradient checks, equality to the unfused path, chunking, extremes, precision,
 argument errors, compiled code, and training through ``fit``."""
 
+import dataclasses
 import os
 import tempfile
 
@@ -211,6 +212,67 @@ def test_no_gradient_work_without_a_gradient(monkeypatch):
     assert calls
 
 
+@pytest.mark.parametrize("reduced", [False, True])
+def test_frozen_kernel_skips_its_gradient(monkeypatch, reduced):
+    """kernel_grad=False (a frozen kernel, e.g. under LoRA): the same loss and hidden/bias gradients, no kernel
+    gradient (None, read as zero), and no kernel-gradient matmul in the chunk loop."""
+    rng = np.random.default_rng(8)
+    hidden, kernel, bias, labels = _problem(rng, ignore=False)
+    args = [a.astype("float32") for a in (hidden, kernel, bias)]
+    weights = rng.uniform(0.5, 1.5, labels.shape).astype("float32")
+    calls = []
+    original = linear_ce._glue.dot_add
+    counting = dataclasses.replace(linear_ce._glue, dot_add=lambda *a, **k: calls.append(1) or original(*a, **k))
+    monkeypatch.setattr(linear_ce, "_glue", counting)
+
+    def loss(kernel_grad):
+        if reduced:
+            return lambda h, k, b: linear_ce.weighted_sum(h, k, labels, weights, bias=b, chunk_size=4,
+                                                          kernel_grad=kernel_grad)[0]
+        return lambda h, k, b: fused(h, k, labels, bias=b, chunk_size=4, kernel_grad=kernel_grad)
+
+    np.testing.assert_allclose(to_numpy(loss(False)(*args)), to_numpy(loss(True)(*args)), rtol=1e-6)
+    for index in (0, 2):
+        np.testing.assert_allclose(_grads(loss(False), args, index)[1], _grads(loss(True), args, index)[1],
+                                   rtol=1e-6, atol=1e-7)
+    del calls[:]
+    if BACKEND == "tensorflow":  # a gradient of None for the kernel
+        import tensorflow as tf
+
+        k = tf.constant(args[1])
+        with tf.GradientTape() as tape:
+            tape.watch(k)
+            value = keras.ops.sum(loss(False)(args[0], k, args[2]))
+        assert tape.gradient(value, k) is None
+    elif BACKEND == "torch":
+        import torch
+
+        k = torch.tensor(args[1], requires_grad=True)
+        value = keras.ops.sum(loss(False)(torch.tensor(args[0], requires_grad=True), k, torch.tensor(args[2])))
+        assert torch.autograd.grad(value, k, allow_unused=True) == (None,)
+    else:  # JAX reads None as a zero cotangent
+        assert not np.any(_grads(loss(False), args, 1)[1])
+    assert not calls
+    _grads(loss(True), args, 1)
+    assert calls
+
+
+def test_frozen_head_trains_the_layers_below_as_a_frozen_dense_does():
+    model, head, twin = _models()
+    head.trainable = False
+    twin.layers[-1].trainable = False
+    x, y = _data(n=8)
+    kernel = np.asarray(head.kernel)
+    model.compile(optimizer=keras.optimizers.SGD(0.5), loss=head.loss(ignore_class=-1, chunk_size=7))
+    twin.compile(optimizer=keras.optimizers.SGD(0.5), loss=ksh.StableSparseSoftmaxCE(ignore_class=-1))
+    history = model.fit(x, y, epochs=2, batch_size=4, shuffle=False, verbose=0).history
+    twin_history = twin.fit(x, y, epochs=2, batch_size=4, shuffle=False, verbose=0).history
+    np.testing.assert_allclose(history["loss"], twin_history["loss"], rtol=1e-4)
+    np.testing.assert_array_equal(np.asarray(head.kernel), kernel)
+    for got, want in zip(model.get_weights(), twin.get_weights()):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Extremes, masking, precision
 # ----------------------------------------------------------------------------------------------------------------
@@ -304,6 +366,7 @@ def test_kernel_gradient_dtype_follows_the_kernel():
     (dict(chunk_size=0), ValueError, "chunk_size"),
     (dict(chunk_size=2.5), ValueError, "chunk_size"),
     (dict(transpose_kernel="yes"), TypeError, "transpose_kernel"),
+    (dict(kernel_grad="no"), TypeError, "kernel_grad"),
     (dict(hidden=np.zeros((2, 3), "int32")), TypeError, "hidden"),
     (dict(label_smoothing=1.5), ValueError, "label_smoothing"),
     (dict(implementation="numba_cuda"), ValueError, "implementation"),
