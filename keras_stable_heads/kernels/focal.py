@@ -233,7 +233,8 @@ def _sigmoid_focal_bwd_flat(z, y, dloss, grad, c, gamma, alpha, has_alpha, eps):
 @njit(**_inline)
 def _row_shift_log_sum(x, i, nxt):
     """(shift, log_sum) of row i: shift = max if finite, else 0; log_sum = log sum exp(z - shift) (-inf: all -inf).
-    Prefetches row ``nxt`` during the exp pass (see softmax_ce.next_row)."""
+    Prefetches row ``nxt`` during the exp pass where that is the faster layout (see softmax_ce.next_row and
+    _config.PREFETCH; on AVX-512 hosts the exp pass is one whole-row loop)."""
     shift = _shift_of(_row_max(x, i))
     return shift, np.log(_row_sumexp(x, i, shift, nxt))
 
