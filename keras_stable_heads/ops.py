@@ -124,17 +124,21 @@ def _finish_rows(loss, log_sum):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _softmax_ce_grad(e, total, shift, log_sum, dz, target, total_target, z_loss, upstream):
-    """d loss / d logits = p * (sum_c target_c + 2 z_loss lse) - target, times the softcap derivative.
+def _softmax_ce_grad(e, total, shift, log_sum, dz, target, total_target, z_loss, row_factor):
+    """d loss / d logits = (p * (sum_c target_c + 2 z_loss lse) - target) * row_factor, times the softcap derivative.
 
     ``target`` is the weighted (smoothed) label distribution ``w_c y_c`` and ``total_target`` its row sum; the
     softmax is ``p = e / total`` from the forward's shifted exponentials (see :func:`numerics.shifted_exp`).
+    ``row_factor`` (one value per row, the class axis kept) is the upstream gradient, where callers also fold in
+    their per-row cases (0 for an ignored row, NaN for an out-of-range label). A row whose logits are all ``-inf``
+    gets 0. Every per-row case is a per-row factor, so the logits-sized work is ``e * a - target * b``: in a
+    TensorFlow graph without XLA (fit's mode on a CPU), where each op costs its own dispatch, few ops matter.
     """
     dead = is_neg_inf(log_sum)
+    zero = ops.zeros_like(total)
     scale = total_target + 2.0 * z_loss * (shift + log_sum) if z_loss else total_target
-    grad = e * (scale / total) - target
-    grad = ops.where(dead, ops.zeros_like(grad), grad)
-    grad = grad * ops.expand_dims(upstream, -1)
+    # a dead row has total 0 and e 0: its factors are 0 (not 0 / 0)
+    grad = e * ops.where(dead, zero, scale * row_factor / total) - target * ops.where(dead, zero, row_factor)
     return grad if dz is None else grad * dz
 
 
@@ -209,7 +213,8 @@ def _softmax_ce_portable(logits, labels, num_classes, eps, w, z_loss, cap):
         if z_loss:
             loss = loss + _z_loss_term(z_loss, shift, log_sum)
         loss = _finish_rows(loss, log_sum)[..., 0]
-        return loss, lambda g: _softmax_ce_grad(e, total, shift, log_sum, dz, target, total_target, z_loss, g)
+        return loss, lambda g: _softmax_ce_grad(e, total, shift, log_sum, dz, target, total_target, z_loss,
+                                                ops.expand_dims(g, -1))
 
     return fused(forward)(logits)
 
@@ -286,19 +291,20 @@ def _sparse_softmax_ce_forward(labels, num_classes, dtype, *, ignore_class, eps,
         kept = ops.logical_and(in_range, ops.logical_not(ignored))
         invalid = ops.logical_and(ops.logical_not(in_range), ops.logical_not(ignored))
     safe_labels = ops.expand_dims(ops.where(kept, labels, ops.zeros_like(labels)), -1)
-    if not eps and w is None and not z_loss and cap is None:
-        return _plain_sparse_forward(safe_labels, num_classes, dtype, kept, invalid)
-    # Per-example weight of the true class, and the total weight of the smoothed target (a row sum of w y').
-    w_y = ops.ones(ops.shape(safe_labels), dtype) if w is None else ops.take(w, safe_labels)
+    # Per-example weight of the true class, and the total weight of the smoothed target (a row sum of w y'); with
+    # neither smoothing nor class weights (what most training jobs ask for) the target is the one-hot itself.
+    weighted = bool(eps) or w is not None
+    w_y = (ops.ones(ops.shape(safe_labels), dtype) if w is None else ops.take(w, safe_labels)) if weighted else None
     w_sum = float(num_classes) if w is None else ops.sum(w)
-    total_target = (1.0 - eps) * w_y + (eps / num_classes) * w_sum
+    total_target = (1.0 - eps) * w_y + (eps / num_classes) * w_sum if weighted else 1.0
 
     def forward(x):
         z, dz = softcap(x, cap)
         shift, e, total = shifted_exp(z)
         log_sum = ops.log(total)
         z_y = _backend.take_class(z, safe_labels)
-        loss = safe_mul((1.0 - eps) * w_y, (shift - z_y) + log_sum)
+        # -log p_y == (shift - z_y) + log_sum: exact at the row max (never rounding shift + log_sum)
+        loss = (shift - z_y) + log_sum if not weighted else safe_mul((1.0 - eps) * w_y, (shift - z_y) + log_sum)
         if eps:
             # sum_c w_c (lse - z_c) == w_sum log_sum - sum_c w_c (z_c - shift): shift cancels exactly
             # (a class of weight 0 adds 0, also where its logit is -inf)
@@ -310,39 +316,14 @@ def _sparse_softmax_ce_forward(labels, num_classes, dtype, *, ignore_class, eps,
         loss = _mark_labels(loss, kept, invalid)
 
         def vjp(g):
-            target = (1.0 - eps) * w_y * ops.one_hot(safe_labels[..., 0], num_classes, dtype=dtype)
+            target = ops.one_hot(safe_labels[..., 0], num_classes, dtype=dtype)
+            if weighted:
+                target = (1.0 - eps) * w_y * target
             if eps:
                 target = target + (eps / num_classes) * (1.0 if w is None else w)
-            grad = _softmax_ce_grad(e, total, shift, log_sum, dz, target, total_target, z_loss, g)
-            return _mark_labels(grad, ops.expand_dims(kept, -1), None if invalid is None else ops.expand_dims(invalid, -1))
-
-        return loss, vjp
-
-    return forward
-
-
-def _plain_sparse_forward(safe_labels, num_classes, dtype, kept, invalid):
-    """The same forward with no option set (no smoothing, class weights, z-loss or softcap): what most training
-    jobs ask for. Each row's special cases (upstream, a row of -inf logits, an ignored or out-of-range label)
-    become one per-row factor ``f`` of the gradient ``e * (f / total) - one_hot * f``, so that the backward is
-    three elementwise ops on the logits instead of seven; in a TensorFlow graph without XLA, where every op costs
-    its own dispatch, that is what keeps a small step as fast as Keras's own loss.
-    """
-
-    def forward(x):
-        shift, e, total = shifted_exp(x)
-        log_sum = ops.log(total)
-        z_y = _backend.take_class(x, safe_labels)
-        dead = is_neg_inf(log_sum)  # a row of -inf logits: loss +inf, gradient 0
-        # (shift - z_y) + log_sum is exact at the row max, and NaN (-inf + inf) for a dead row
-        loss = ops.where(dead, ops.full_like(log_sum, float("inf")), (shift - z_y) + log_sum)[..., 0]
-        loss = _mark_labels(loss, kept, invalid)
-
-        def vjp(g):
-            f = ops.expand_dims(_mark_labels(g, kept, invalid), -1)
-            zero = ops.zeros_like(total)
-            grad = (e * ops.where(dead, zero, f / total)
-                    - ops.one_hot(safe_labels[..., 0], num_classes, dtype=dtype) * ops.where(dead, zero, f))
+            # ignored rows 0, out-of-range labels NaN: as a per-row factor of the upstream
+            row_factor = ops.expand_dims(_mark_labels(g, kept, invalid), -1)
+            grad = _softmax_ce_grad(e, total, shift, log_sum, dz, target, total_target, z_loss, row_factor)
             if invalid is not None:  # exactly 0 for an ignored row, whatever its logits (inf * 0 would be NaN)
                 grad = ops.where(ops.expand_dims(ops.logical_or(kept, invalid), -1), grad, ops.zeros_like(grad))
             return grad

@@ -190,9 +190,10 @@ def test_ignored_and_out_of_range_labels():
 
 
 @pytest.mark.parametrize("ignore_class", [None, -1])
-def test_sparse_portable_plain_and_general_forms_agree_on_adversarial_rows(ignore_class):
-    """With no option set the portable op takes its lean form (the row cases folded into one factor per row);
-    class weights of 1 give the same loss through the general form. Both must match the reference on every row:
+def test_sparse_portable_plain_and_weighted_forms_agree_on_adversarial_rows(ignore_class):
+    """With no option set the portable op's target is the one-hot itself; class weights of 1 take the weighted
+    form (safe products with w_y). Both fold the row cases into one factor per row of the gradient, and both must
+    match the reference on every row:
     a row of -inf logits (loss +inf, gradient 0), a masked target next to +-1e30, and, when ignoring, ignored rows
     holding +inf, -inf and NaN logits (loss 0, gradient exactly 0)."""
     rng = np.random.default_rng(11)
