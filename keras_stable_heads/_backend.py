@@ -14,7 +14,6 @@
 """
 
 import contextlib
-import functools
 
 import keras
 import numpy as np
@@ -23,14 +22,22 @@ BACKEND = keras.backend.backend()
 
 
 def dtype_name(dtype):
-    """``keras.backend.standardize_dtype``, remembered per dtype object (it costs microseconds per call)."""
+    """``keras.backend.standardize_dtype``, remembered per dtype object (it costs microseconds per call). A plain
+    dict, not ``functools.lru_cache``: torch.compile traces through a dict lookup, but warns of "silent
+    incorrectness" at every lru_cache-wrapped function it meets."""
     try:
-        return _dtype_names(dtype)
+        return _DTYPE_NAMES[dtype]
+    except KeyError:
+        name = keras.backend.standardize_dtype(dtype)
+        if len(_DTYPE_NAMES) < _MAX_DTYPE_NAMES:
+            _DTYPE_NAMES[dtype] = name
+        return name
     except TypeError:  # an unhashable dtype-like
         return keras.backend.standardize_dtype(dtype)
 
 
-_dtype_names = functools.lru_cache(maxsize=64)(keras.backend.standardize_dtype)
+_DTYPE_NAMES = {}
+_MAX_DTYPE_NAMES = 64
 
 
 def _tensorflow():

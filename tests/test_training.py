@@ -85,6 +85,37 @@ def test_compiled_step_with_unknown_batch_size():
     np.testing.assert_allclose(model.evaluate(x, y, verbose=0), reference.evaluate(x, y, verbose=0), rtol=1e-5)
 
 
+def test_torch_compile_traces_the_losses_without_warnings_about_this_package(monkeypatch):
+    """torch.compile (``jit_compile=True`` on PyTorch) warns of "silent incorrectness" at every
+    ``functools.lru_cache``-wrapped function it traces, once per process: nothing of this package may be one."""
+    if BACKEND != "torch":
+        pytest.skip("torch.compile is the PyTorch backend's")
+    import warnings
+
+    import torch._dynamo
+
+    monkeypatch.setattr(torch._dynamo.utils, "warn_once_cache", set())  # warned before in this process: again
+    torch._dynamo.reset()
+    rng = np.random.default_rng(0)
+    z = torch.tensor(rng.normal(size=(8, 5)).astype("float32"), requires_grad=True)
+    y = torch.tensor(rng.integers(0, 5, 8).astype("int32"))
+    onehot = torch.nn.functional.one_hot(y.long(), 5).float()
+
+    def losses(t):
+        return (ksh.ops.softmax_cross_entropy_with_integer_labels(t, y, z_loss=1e-3).sum()
+                + ksh.ops.softmax_cross_entropy(t, onehot).sum() + ksh.ops.sigmoid_binary_cross_entropy(t, onehot).sum())
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        value = torch.compile(losses)(z)
+        value.backward()
+    ours = [str(w.message)[:200] for w in caught if "keras_stable_heads" in f"{w.filename} {w.message}"]
+    assert ours == []
+    np.testing.assert_allclose(value.detach().item(),
+                               losses(z.detach()).item(), rtol=1e-6)
+    assert torch.isfinite(z.grad).all()
+
+
 def test_jax_jit_of_the_op():
     if BACKEND != "jax":
         pytest.skip("jax.jit is the JAX backend's")
