@@ -257,6 +257,37 @@ def test_frozen_kernel_skips_its_gradient(monkeypatch, reduced):
     assert calls
 
 
+def test_torch_chunk_buffers_are_reused_within_the_loop_and_freed_after_it(monkeypatch):
+    """PyTorch's chunk loop takes its (tokens, V) logits and gradient buffers from a pool: two allocations for the
+    whole loop, not two per chunk (a fresh buffer page-faults all of it), and none of them held once the loss and
+    its gradients are computed (they would sit in memory through the model's backward and the optimizer)."""
+    if BACKEND != "torch":
+        pytest.skip("PyTorch's chunk loop")
+    from keras_stable_heads.bridges import _memory
+
+    tokens, classes, dim, chunk = 96, 16384, 8, 32  # 2 MiB per chunk buffer: a pooled size
+    monkeypatch.setattr(_memory, "MIN_BYTES", 1 << 20)
+    allocations = []
+    original = _memory.aligned_empty
+    monkeypatch.setattr(_memory, "aligned_empty", lambda shape, *a: allocations.append(shape) or original(shape, *a))
+    rng = np.random.default_rng(9)
+    hidden = rng.normal(0.0, 1.0, (tokens, dim)).astype("float32")
+    kernel = rng.normal(0.0, 0.3, (dim, classes)).astype("float32")
+    labels = rng.integers(0, classes, tokens).astype("int32")
+    weights = rng.uniform(0.5, 1.5, tokens).astype("float32")
+    loss = lambda h, k: linear_ce.weighted_sum(h, k, labels, weights, chunk_size=chunk,  # noqa: E731
+                                               implementation="numba_cpu")[0]
+    value, grad_kernel = _grads(loss, [hidden, kernel], 1)
+    chunk_sized = [shape for shape in allocations if shape == (chunk, classes)]
+    assert len(chunk_sized) == 2  # the logits and their gradient, reused by the 3 chunks
+    assert len(_memory.CHUNKS) == 0
+    unchunked, reference_grad = _grads(lambda h, k: linear_ce.weighted_sum(h, k, labels, weights, chunk_size=tokens,
+                                                                           implementation="numba_cpu")[0],
+                                       [hidden, kernel], 1)
+    np.testing.assert_allclose(value, unchunked, rtol=1e-5)
+    np.testing.assert_allclose(grad_kernel, reference_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_frozen_head_trains_the_layers_below_as_a_frozen_dense_does():
     model, head, twin = _models()
     head.trainable = False

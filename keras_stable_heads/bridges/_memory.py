@@ -118,5 +118,18 @@ class BufferPool:
             del self._arrays[self._max:]
             return array
 
+    def __len__(self):
+        """How many arrays the pool holds."""
+        return len(self._arrays)
+
+    def clear(self):
+        """Drop the pool's references: an array nothing else holds is freed now."""
+        with self._lock:
+            self._arrays.clear()
+
 
 GRADIENTS = BufferPool()
+# The fused linear cross-entropy's per-chunk (tokens, V) buffers on PyTorch (logits and their gradient): reused
+# chunk after chunk within one loop over the chunks, released when the loop ends (``linear_ce``'s torch glue), so
+# that nothing chunk-sized outlives the loss into the model's backward and the optimizer's update.
+CHUNKS = BufferPool()
