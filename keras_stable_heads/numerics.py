@@ -87,7 +87,7 @@ def logsumexp(z):
 def tanh(x):
     """``tanh`` in the input's own precision on every backend (``keras.ops.tanh`` rounds float64 to float32 on JAX)."""
     a = ops.abs(x)
-    a = ops.where(a > 20.0, ops.full_like(a, 20.0), a)
+    a = ops.where(a > 20.0, 20.0, a)
     # tanh|x| == expm1(2|x|) / (expm1(2|x|) + 2): no cancellation near 0; |x| >= 20 rounds to 1 in float64.
     e = ops.expm1(2.0 * a)
     return ops.sign(x) * (e / (e + 2.0))
@@ -108,6 +108,13 @@ def softcap(z, cap):
     e = ops.exp(-2.0 * ops.abs(x))
     r = 1.0 / (1.0 + e)
     return capped, (4.0 * e) * ops.square(r)
+
+
+def filled_like(x, value):
+    """``x``'s shape and dtype, every entry ``value``. Not ``keras.ops.full_like``: on PyTorch's meta device, where
+    Keras first traces a compiled loss (``_symbolic_build``), it calls ``.item()`` and fails, and Keras then runs the
+    loss once on real tensors of ones the size of ``y_pred`` (a language model's whole (tokens, vocabulary) logits)."""
+    return ops.zeros_like(x) + value
 
 
 def is_neg_inf(x):

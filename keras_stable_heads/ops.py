@@ -16,6 +16,7 @@ from keras import ops
 from . import _backend
 from . import dispatch
 from . import _validation as check
+from .numerics import filled_like
 from .numerics import fused
 from .numerics import is_neg_inf
 from .numerics import shifted_exp
@@ -116,7 +117,7 @@ def _check_label_range(labels, num_classes, ignore_class):
 
 def _finish_rows(loss, log_sum):
     """A row whose logits are all -inf (``log_sum = -inf``) has no probability anywhere: its loss is +inf."""
-    return ops.where(is_neg_inf(log_sum), ops.full_like(loss, float("inf")), loss)
+    return ops.where(is_neg_inf(log_sum), filled_like(loss, float("inf")), loss)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +337,7 @@ def _sparse_softmax_ce_forward(labels, num_classes, dtype, *, ignore_class, eps,
 def _mark_labels(value, kept, invalid):
     """Ignored entries -> 0; out-of-range labels -> NaN (loud in a compiled step, where no error can be raised).
     ``invalid=None``: there is no ignored class, so every entry not kept is out of range."""
-    nan = ops.full_like(value, float("nan"))
+    nan = filled_like(value, float("nan"))
     return ops.where(kept, value, nan if invalid is None else ops.where(invalid, nan, ops.zeros_like(value)))
 
 

@@ -370,6 +370,34 @@ def test_train_step_never_materialises_the_logits(trained):
         assert shape not in text, shape
 
 
+@pytest.mark.skipif(BACKEND != "torch", reason="watches PyTorch's dispatcher")
+def test_first_torch_step_never_materialises_the_logits():
+    """The fused model's first ``train_on_batch`` on PyTorch (Keras's build of the compiled loss and metrics, then
+    the step) creates no tensor of the logits' size on the CPU: logits exist only as (chunk, V) blocks. Keras builds
+    the loss on the meta device and, where that fails, again on real tensors of ones the size of ``y_pred``."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Sizes(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for value in out if isinstance(out, (tuple, list)) else (out,):
+                if getattr(value, "device", None) is not None and value.device.type == "cpu" and value.dim() \
+                        and value.shape[-1] == VOCAB:
+                    self.rows.append(value.numel() // VOCAB)
+            return out
+
+    _, fused, x, y, sw = _pair("gemma")
+    with Sizes() as sizes:
+        logs = fused.train_on_batch(x, y, sample_weight=sw, return_dict=True)
+    assert np.isfinite(logs["loss"])
+    # rows of V values: (chunk, V) logits blocks and the (D, V) kernel's transpose, never the (B, S, V) logits
+    assert CHUNK in sizes.rows and max(sizes.rows) < BATCH * SEQ, sorted(set(sizes.rows))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Bad input
 # ----------------------------------------------------------------------------------------------------------------

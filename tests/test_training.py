@@ -54,6 +54,25 @@ def test_every_loss_trains(loss, kind):
     assert history[-1] < 0.8 * history[0], history
 
 
+@pytest.mark.parametrize("loss,kind", TRAINING, ids=lambda v: getattr(v, "name", None))
+def test_torch_builds_the_compiled_loss_on_the_meta_device(loss, kind, monkeypatch):
+    """On PyTorch, Keras builds a compiled loss by tracing it on the meta device before the first step; a loss that
+    fails there is run once more on real tensors of ones the size of ``y_pred`` (a language model's whole logits:
+    gigabytes). Every loss traces on meta: the only call on real data is the step's own."""
+    if BACKEND != "torch":
+        pytest.skip("the meta-device trace is PyTorch's")
+    devices = []
+    original = loss.call
+    monkeypatch.setattr(loss, "call", lambda y_true, y_pred: devices.append(y_pred.device.type) or original(y_true,
+                                                                                                              y_pred))
+    x, y, units = _data(kind)
+    model = _model(units)
+    model.compile(optimizer=keras.optimizers.SGD(0.01), loss=loss)
+    value = model.train_on_batch(x[:32], y[:32])
+    assert devices == ["meta", "cpu"]
+    assert np.isfinite(value)
+
+
 @pytest.mark.parametrize("ours,builtin,kind", [
     (ksh.StableSparseSoftmaxCE(), keras.losses.SparseCategoricalCrossentropy(from_logits=True), "sparse"),
     (ksh.StableSoftmaxCE(label_smoothing=0.1), keras.losses.CategoricalCrossentropy(from_logits=True, label_smoothing=0.1),
