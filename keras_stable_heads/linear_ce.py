@@ -60,9 +60,9 @@ __all__ = ["linear_softmax_cross_entropy_with_integer_labels", "weighted_sum", "
 # torch T=256/512/1024: 18.5/10.7/16.3 s; TensorFlow 22.1/16.5/16.9 s (peak RSS grows with T: 3.2/4.0/6.0 GB);
 # JAX 26.7/26.7/14.1 s, with XLA temporaries of 384/513/1026 MiB (the unfused step: 4096 MiB). JAX gets the
 # smaller budget so that its temporaries stay under a tenth of the unfused step's. Re-measured on the keras-hub
-# Gemma fit step (D=256, V=131072, Adam; runs hubfit-20261207T080915/T081020 against T073624/T073857): 256 MiB
-# for JAX took 2.71 s / 5.19 s at 4x512 / 8x512 tokens against 2.83 s / 5.74 s, for +250 MiB peak RSS and XLA
-# temporaries of 591 / 690 MiB against 95 / 214 MiB: 128 MiB kept.
+# Gemma fit step (D=256, V=131072, Adam; benchmarks/results/hub_fit_jax_chunk256.jsonl against runs T073624 and
+# T073857 of hub_fit_records.jsonl): 256 MiB for JAX took 2.71 s / 5.19 s at 4x512 / 8x512 tokens against
+# 2.83 s / 5.74 s, for +250 MiB peak RSS and XLA temporaries of 591 / 690 MiB against 95 / 214 MiB: 128 MiB kept.
 CHUNK_BYTES = {"jax": 128 << 20, "tensorflow": 256 << 20, "torch": 256 << 20}
 # Where each chunk's softmax runs in the Numba kernels on TensorFlow, a smaller budget: the kernels' reused
 # gradient buffers are chunk-sized. Quiet 2-core Xeon, Dense-sized head step (FusedSoftmaxHead, fit's graph, N=4096,
