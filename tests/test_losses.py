@@ -167,6 +167,24 @@ def test_bad_shapes_raise_clear_errors():
         ksh.StableSparseSoftmaxCE()(np.zeros((4, 3, 2)), z)
 
 
+@pytest.mark.parametrize("loss,implementation", [
+    (lambda **k: ksh.StableSoftmaxCE(**k), None), (lambda **k: ksh.StableSoftmaxFocalCE(**k), None),
+    (lambda **k: ksh.StableMultilabelCE(**k), None), (lambda **k: ksh.StableMultilabelCE(**k), "numba_cpu"),
+    (lambda **k: ksh.StableBinaryFocalCE(**k), None), (lambda **k: ksh.StableBinaryFocalCE(**k), "numba_cpu"),
+], ids=["softmax", "softmax_focal", "multilabel", "multilabel_kernels", "binary_focal", "binary_focal_kernels"])
+def test_labels_not_of_the_logits_shape_raise(loss, implementation):
+    """Class ids given to a dense loss, or one label per row for several units, raise a ValueError that names the
+    shapes (before: a backend's own error, or on the portable path a silent broadcast of one label over a row)."""
+    rng = np.random.default_rng(7)
+    z = rng.normal(size=(8, 5)).astype("float32")
+    ids = rng.integers(0, 5, 8).astype("int32")
+    fn = loss(implementation=implementation) if implementation else loss()
+    for labels in (ids, (ids[:, None] % 2).astype("float32"), np.zeros((8, 4), "float32")):
+        with pytest.raises(ValueError, match=r"do not match `logits` of shape \(8, 5\)"):
+            fn(labels, z)
+    assert np.isfinite(float(fn((rng.random((8, 5)) > 0.5).astype("float32"), z)))  # the logits' shape: fine
+
+
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda c: c.__name__)
 def test_saved_model_loads_without_custom_objects(cls, tmp_path):
     rng = np.random.default_rng(6)
