@@ -49,6 +49,7 @@ from . import dispatch
 from .numerics import compute_dtype
 from .numerics import safe_mul
 from .ops import _check_label_range
+from .ops import _matching_labels
 from .ops import _sparse_softmax_ce_forward
 
 __all__ = ["linear_softmax_cross_entropy_with_integer_labels", "weighted_sum", "logits"]
@@ -158,12 +159,10 @@ def _token_labels(labels, hidden):
     """Integer labels of the hidden states' leading shape (``(..., 1)`` accepted), as int32."""
     labels = ops.convert_to_tensor(labels)
     leading = tuple(_static(d) for d in hidden.shape[:-1])
-    shape = tuple(_static(d) for d in labels.shape)
-    if len(shape) == len(leading) + 1 and shape[-1] == 1:
-        labels, shape = ops.squeeze(labels, -1), shape[:-1]
-    if len(shape) != len(leading) or any(a is not None and b is not None and a != b for a, b in zip(shape, leading)):
-        raise ValueError(f"`labels` of shape {labels.shape} do not match `hidden` of shape {hidden.shape}: expected "
-                         f"one class id per token, shape {leading} (or {leading + (1,)}).")
+    if len(labels.shape) == len(leading) + 1 and _static(labels.shape[-1]) == 1:
+        labels = ops.squeeze(labels, -1)
+    labels = _matching_labels(labels, hidden, f"one class id per token, shape {leading} (or {leading + (1,)}).",
+                              want=leading, names=("labels", "hidden"))
     return ops.cast(labels, "int32")
 
 

@@ -86,18 +86,20 @@ _DENSE_LABELS = ("one-hot or probability labels of the logits' shape; for intege
 _SIGMOID_LABELS = "one label per logit (0/1 or a probability), the logits' shape."
 
 
-def _matching_labels(labels, logits, expected):
-    """``labels``, after checking that each static dimension equals the logits' (broadcasting would pair labels
-    with the wrong logits, or fail deep inside a backend with its own message)."""
-    shape, want = tuple(labels.shape), tuple(logits.shape)
+def _matching_labels(labels, logits, expected, want=None, names=("labels", "logits")):
+    """``labels``, after checking that each static dimension equals the logits' (or ``want``'s): broadcasting would
+    pair labels with the wrong logits, or fail deep inside a backend with its own message."""
+    shape, want = tuple(labels.shape), tuple(logits.shape if want is None else want)
     if len(shape) != len(want) or any(a is not None and b is not None and a != b for a, b in zip(shape, want)):
-        raise ValueError(f"`labels` of shape {shape} do not match `logits` of shape {want}: expected {expected}")
+        raise ValueError(f"`{names[0]}` of shape {shape} do not match `{names[1]}` of shape {tuple(logits.shape)}: "
+                         f"expected {expected}")
     return labels
 
 
-def _integer_labels(labels, logits_rank, axis):
+def _integer_labels(labels, logits, axis):
     """Integer labels of shape (...) for logits with the class axis at ``axis``; (..., 1) is accepted too."""
     labels = ops.convert_to_tensor(labels)
+    logits_rank = len(logits.shape)
     if len(labels.shape) == logits_rank:
         if labels.shape[axis] != 1:
             raise ValueError(
@@ -110,6 +112,9 @@ def _integer_labels(labels, logits_rank, axis):
             f"Integer `labels` of shape {labels.shape} do not fit logits of rank {logits_rank}: expected rank "
             f"{logits_rank - 1} (one class id per example). For one-hot labels use `softmax_cross_entropy`."
         )
+    examples = tuple(d for i, d in enumerate(logits.shape) if i != axis % logits_rank)
+    labels = _matching_labels(labels, logits, "one class id per example, the logits' shape without the class axis.",
+                              want=examples)
     return labels if _backend.dtype_name(labels.dtype) == "int32" else ops.cast(labels, "int32")
 
 
@@ -268,7 +273,7 @@ def softmax_cross_entropy_with_integer_labels(
     cap = check.positive_or_none("logit_softcap", logit_softcap)
     axis = check.axis(axis)
     logits = upcast(logits)
-    labels = _integer_labels(labels, len(logits.shape), axis)
+    labels = _integer_labels(labels, logits, axis)
     logits = _class_axis_last(logits, axis)
     num_classes = _static_size(logits, "logits")
     options = dict(ignore_class=ignore_class, label_smoothing=eps, class_weight=class_weight, z_loss=z_loss,
@@ -587,6 +592,8 @@ def _location_scale(params, targets):
             f"`y_true` has {targets.shape[-1]} values per example but `y_pred` holds {width} = 2 x {dim} "
             f"(location and log-scale for each of {dim} targets)."
         )
+    targets = _matching_labels(targets, params, f"{dim} target value(s) per example, one per location in `y_pred`.",
+                               want=tuple(params.shape[:-1]) + (dim,), names=("y_true", "y_pred"))
     return params, targets, dim
 
 

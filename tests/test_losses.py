@@ -165,6 +165,11 @@ def test_bad_shapes_raise_clear_errors():
         ksh.LaplaceNLL()(np.zeros((4, 3)), np.zeros((4, 4), "float32"))
     with pytest.raises(ValueError, match="one class id per example"):
         ksh.StableSparseSoftmaxCE()(np.zeros((4, 3, 2)), z)
+    # a batch of 1 against 4 rows: broadcast silently before (class ids on JAX, regression targets everywhere)
+    with pytest.raises(ValueError, match=r"`labels` of shape \(1,\) do not match `logits` of shape \(4, 3\)"):
+        ksh.StableSparseSoftmaxCE()(np.zeros((1,), "int32"), z)
+    with pytest.raises(ValueError, match=r"`y_true` of shape \(1, 1\) do not match `y_pred` of shape \(4, 2\)"):
+        ksh.GaussianNLL()(np.zeros((1, 1), "float32"), np.zeros((4, 2), "float32"))
 
 
 @pytest.mark.parametrize("loss,implementation", [
