@@ -81,11 +81,6 @@ def _same_rank(labels, logits):
     return labels
 
 
-_DENSE_LABELS = ("one-hot or probability labels of the logits' shape; for integer class ids use "
-                 "softmax_cross_entropy_with_integer_labels (StableSparseSoftmaxCE).")
-_SIGMOID_LABELS = "one label per logit (0/1 or a probability), the logits' shape."
-
-
 def _matching_labels(labels, logits, expected, want=None, names=("labels", "logits")):
     """``labels``, after checking that each static dimension equals the logits' (or ``want``'s): broadcasting would
     pair labels with the wrong logits, or fail deep inside a backend with its own message."""
@@ -94,6 +89,19 @@ def _matching_labels(labels, logits, expected, want=None, names=("labels", "logi
         raise ValueError(f"`{names[0]}` of shape {shape} do not match `{names[1]}` of shape {tuple(logits.shape)}: "
                          f"expected {expected}")
     return labels
+
+
+def _dense_labels(labels, logits, axis):
+    """One-hot or probability labels in the logits' dtype, class axis last, of the logits' shape."""
+    labels = _class_axis_last(ops.cast(ops.convert_to_tensor(labels), logits.dtype), axis)
+    return _matching_labels(labels, logits, "one-hot or probability labels of the logits' shape; for integer class "
+                            "ids use softmax_cross_entropy_with_integer_labels (StableSparseSoftmaxCE).")
+
+
+def _per_logit_labels(labels, logits):
+    """Sigmoid labels in the logits' dtype, one per logit (``(...)`` for logits ``(..., 1)`` accepted)."""
+    labels = _same_rank(ops.cast(ops.convert_to_tensor(labels), logits.dtype), logits)
+    return _matching_labels(labels, logits, "one label per logit (0/1 or a probability), the logits' shape.")
 
 
 def _integer_labels(labels, logits, axis):
@@ -207,8 +215,7 @@ def softmax_cross_entropy(logits, labels, *, label_smoothing=0.0, class_weight=N
     cap = check.positive_or_none("logit_softcap", logit_softcap)
     axis = check.axis(axis)
     logits = _class_axis_last(upcast(logits), axis)
-    labels = _matching_labels(_class_axis_last(ops.cast(ops.convert_to_tensor(labels), logits.dtype), axis),
-                              logits, _DENSE_LABELS)
+    labels = _dense_labels(labels, logits, axis)
     num_classes = _static_size(logits, "logits")
     w = _per_class(class_weight, num_classes, logits.dtype, "class_weight")  # validates its length on every path
     options = dict(label_smoothing=eps, class_weight=class_weight, z_loss=z_loss, logit_softcap=cap)
@@ -377,8 +384,7 @@ def softmax_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_
     eps = check.fraction("label_smoothing", label_smoothing)
     axis = check.axis(axis)
     logits = _class_axis_last(upcast(logits), axis)
-    labels = _matching_labels(_class_axis_last(ops.cast(ops.convert_to_tensor(labels), logits.dtype), axis),
-                              logits, _DENSE_LABELS)
+    labels = _dense_labels(labels, logits, axis)
     num_classes = _static_size(logits, "logits")
     choice = dispatch.choose("softmax_focal_ce", logits, implementation)
     if choice.implementation != "portable":
@@ -430,8 +436,7 @@ def _bce_terms(z, target_pos, target_neg):
 
 def _sigmoid_labels(logits, labels, label_smoothing, missing_label):
     """(labels smoothed towards 1/2 with missing entries zeroed, the mask of present entries or None)."""
-    labels = _matching_labels(_same_rank(ops.cast(ops.convert_to_tensor(labels), logits.dtype), logits), logits,
-                              _SIGMOID_LABELS)
+    labels = _per_logit_labels(labels, logits)
     present = None
     if missing_label is not None:
         present = ops.not_equal(labels, missing_label)
@@ -465,8 +470,7 @@ def _sigmoid_cross_entropy(logits, labels, pos_weight, label_smoothing, missing_
     if choice.implementation != "portable":
         options = dict(pos_weight=pos_weight, label_smoothing=label_smoothing, missing_label=missing_label,
                        label_reduction="mean" if mean else "sum")
-        labels = _matching_labels(_same_rank(ops.convert_to_tensor(labels), logits), logits, _SIGMOID_LABELS)
-        return dispatch.run(choice, "sigmoid_ce", logits, labels, options)
+        return dispatch.run(choice, "sigmoid_ce", logits, _per_logit_labels(labels, logits), options)
     y, present = _sigmoid_labels(logits, labels, label_smoothing, missing_label)
     pw = _per_class(pos_weight, _static_size(logits, "logits"), logits.dtype, "pos_weight")
     target_pos = y if pw is None else pw * y
@@ -545,8 +549,7 @@ def sigmoid_focal_cross_entropy(logits, labels, *, gamma=2.0, alpha=None, label_
     choice = dispatch.choose("sigmoid_focal_ce", logits, implementation)
     if choice.implementation != "portable":
         options = dict(gamma=gamma, alpha=alpha, label_smoothing=eps)
-        labels = _matching_labels(_same_rank(ops.convert_to_tensor(labels), logits), logits, _SIGMOID_LABELS)
-        return dispatch.run(choice, "sigmoid_focal_ce", logits, labels, options)
+        return dispatch.run(choice, "sigmoid_focal_ce", logits, _per_logit_labels(labels, logits), options)
     y, _ = _sigmoid_labels(logits, labels, eps, None)
     alpha_t = None if alpha is None else alpha * y + (1.0 - alpha) * (1.0 - y)
 
